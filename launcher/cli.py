@@ -1,0 +1,102 @@
+"""The ``seqpar`` command.
+
+    seqpar train configs/tiny-cpu.yaml --nproc 2            # torchrun --standalone, 2 ranks
+    seqpar train configs/tiny-cpu.yaml train.steps=10 --print-cmd
+    seqpar data prepare corpus/ notes.jsonl --output data/mystore
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def _error(msg: str) -> int:
+    print(f"seqpar: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _default_nproc(cfg) -> int:
+    if cfg.parallel.dp > 0:
+        return cfg.parallel.dp * cfg.parallel.sp
+    import torch
+
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return max(n_gpu, cfg.parallel.sp, 1)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from seqpar.config import ConfigError, load_config
+    from seqpar.launcher.torchrun import format_cmd, torchrun_cmd
+    from seqpar.parallel.dims import ParallelDims, ParallelDimsError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        nproc = args.nproc or _default_nproc(cfg)
+        ParallelDims(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ulysses, cfg.parallel.ring, nproc)
+    except (ConfigError, ParallelDimsError, ValueError) as e:
+        return _error(str(e))
+    cmd = torchrun_cmd(args.config, args.overrides, nproc)
+    print(format_cmd(cmd), flush=True)
+    if args.print_cmd:
+        return 0
+    env = dict(os.environ)
+    # torchrun otherwise warns and sets 1 thread per rank; make the CPU split explicit instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from seqpar.data.prepare import prepare
+    from seqpar.data.store import StoreError
+
+    exts = tuple(e if e.startswith(".") else "." + e for e in args.extensions.split(",")) if args.extensions else None
+    try:
+        stats = prepare(
+            args.inputs,
+            args.output,
+            args.tokenizer,
+            jsonl_key=args.jsonl_key,
+            append_eot=not args.no_eot,
+            extensions=exts,
+            progress=not args.quiet,
+        )
+    except (StoreError, ValueError, FileNotFoundError) as e:
+        return _error(str(e))
+    print(f"wrote {stats['output']}.bin/.idx: {stats['num_docs']:,} documents, {stats['num_tokens']:,} tokens")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqpar", description="Distributed long-sequence training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (runs torchrun --standalone)")
+    p.add_argument("config", help="YAML config, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.dp=2")
+    p.add_argument("--nproc", type=int, default=0, help="processes on this node (default: dp x sp from the config, else GPUs or 1)")
+    p.add_argument("--print-cmd", action="store_true", help="print the torchrun command and exit")
+    p.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="tokenize text files, directories or JSONL into a Megatron indexed store")
+    p.add_argument("inputs", nargs="+", help="text files (one document each), directories, .jsonl files (one document per line)")
+    p.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json")
+    p.add_argument("--tokenizer", default="byte", help="'byte' (default) or a local tokenizer.json")
+    p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text (default: text)")
+    p.add_argument("--extensions", default="", help="only files with these endings in directories, e.g. py,md")
+    p.add_argument("--no-eot", action="store_true", help="do not append the end-of-text token to documents")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Typed run configuration: dataclasses, YAML loading with ``base:`` inheritance, dotted overrides.
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["train.steps=20", "model.n_layers=2"])
+
+Validation lives in the dataclasses (``__post_init__``) so programmatic users get the same
+errors as the CLI. Every error is a :class:`ConfigError` with one line naming the key, what
+was wrong and the allowed values (and a close match for typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what to change."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = ""  # empty -> runs/<name>
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, f"run.name={self.name!r} must be a non-empty name without '/'")
+        if not self.output_dir:
+            self.output_dir = os.path.join("runs", self.name)
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 -> n_heads (MHA)
+    ffn_dim: int = 0  # 0 -> SwiGLU default: 8/3 * dim rounded up to a multiple of ffn_multiple_of
+    ffn_multiple_of: int = 32
+    vocab_size: int = 0  # 0 -> taken from the tokenizer / data store metadata
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    activation_checkpointing: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for key in ("dim", "n_layers", "n_heads", "ffn_multiple_of"):
+            _check(getattr(self, key) > 0, f"model.{key}={getattr(self, key)} must be positive")
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        _check(
+            self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
+            f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}",
+        )
+        _check(self.dim % self.n_heads == 0, f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+        _check((self.dim // self.n_heads) % 2 == 0, f"head_dim=model.dim/model.n_heads={self.dim // self.n_heads} must be even for RoPE")
+        if self.ffn_dim == 0:
+            hidden = int(8 * self.dim / 3)
+            m = self.ffn_multiple_of
+            self.ffn_dim = m * ((hidden + m - 1) // m)
+        _check(self.ffn_dim > 0, f"model.ffn_dim={self.ffn_dim} must be positive")
+        _check(self.vocab_size >= 0, f"model.vocab_size={self.vocab_size} must be >= 0 (0 = from the tokenizer)")
+        _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+DATA_MODES = ("concat_chunk", "pack")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # store prefix (PREFIX.bin/.idx); empty -> the embedded standard-library corpus
+    mode: str = "pack"
+    seq_len: int = 1024  # tokens per micro-batch stream (before sequence-parallel sharding)
+    tokens_per_step: int = 8192  # global tokens per optimizer step, all ranks and micro-batches
+    doc_mask: bool = True  # concat_chunk only: false lets attention cross documents (classic baseline)
+    tokenizer: str = "byte"  # "byte" or a local tokenizer.json; only used when the store has no metadata
+    cache_dir: str = ""  # where the embedded corpus is built; empty -> $SEQPAR_CACHE or ~/.cache/seqpar
+
+    def __post_init__(self) -> None:
+        _choice("data.mode", self.mode, DATA_MODES)
+        _check(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be >= 2")
+        _check(
+            self.tokens_per_step >= self.seq_len and self.tokens_per_step % self.seq_len == 0,
+            f"data.tokens_per_step={self.tokens_per_step} must be a positive multiple of data.seq_len={self.seq_len}",
+        )
+
+    @property
+    def streams_per_step(self) -> int:
+        return self.tokens_per_step // self.seq_len
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1  # -1 -> world_size / sp
+    sp: int = 1
+    ulysses: int = 1
+    ring: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.dp == -1 or self.dp >= 1, f"parallel.dp={self.dp} must be >= 1, or -1 to fill the world size")
+        for key in ("sp", "ulysses", "ring"):
+            _check(getattr(self, key) >= 1, f"parallel.{key}={getattr(self, key)} must be >= 1")
+        _check(
+            self.sp == self.ulysses * self.ring,
+            f"parallel.sp={self.sp} must equal parallel.ulysses({self.ulysses}) x parallel.ring({self.ring}) = {self.ulysses * self.ring}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _check(self.lr > 0, f"train.lr={self.lr} must be positive")
+        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
+        _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    progress: bool = True  # progress bar for long preprocessing
+
+    def __post_init__(self) -> None:
+        _check(self.log_every >= 1, f"logging.log_every={self.log_every} must be >= 1")
+
+
+@dataclass
+class KernelsConfig:
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("kernels.attention", self.attention, ("auto", "triton", "reference"))
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with key and type checking.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML value to the field type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        _choice(key, value, typing.get_args(tp))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a bool (true or false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+
+
+def _unknown_key(key: str, name: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f" (did you mean '{parent}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; allowed here: {', '.join(allowed)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise _unknown_key(key, str(name), list(fields))
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (as read from YAML)."""
+    return _build(Config, data, "")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML files, inheritance and overrides.
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"config 'base:' chain loops back to {path}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base:
+        bases = base if isinstance(base, list) else [base]
+        merged: dict = {}
+        for b in bases:
+            bpath = b if os.path.isabs(b) else os.path.join(os.path.dirname(path), b)
+            merged = _deep_merge(merged, _read_yaml(bpath, seen + (path,)))
+        data = _deep_merge(merged, data)
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (value parsed as YAML) to a nested dict."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (following ``base:``), apply dotted overrides and validate."""
+    data = _read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Training: the loop, batches, optimizer, metrics. Entry point: ``python -m seqpar.train``."""

@@ -1,0 +1,38 @@
+"""Per-rank entry point: ``python -m seqpar.train --config CONFIG [key=value ...]`` (under torchrun or alone)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seqpar.train", description="Train one rank of a seqpar run.")
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20")
+    args = parser.parse_args(argv)
+
+    from seqpar.config import ConfigError, load_config
+    from seqpar.data.store import StoreError
+    from seqpar.parallel.dims import ParallelDimsError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from seqpar.train.trainer import train
+
+        train(cfg)
+    except (ConfigError, ParallelDimsError, StoreError) as e:
+        # Every rank hits the same error; one line from rank 0 is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from seqpar.parallel.init import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

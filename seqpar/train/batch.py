@@ -1,0 +1,63 @@
+"""From a packed stream to model inputs: targets, positions and document ids (pure).
+
+All three are computed on the **global** stream before any sequence-parallel sharding, so a
+shard carries the same values the single-device run would see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from seqpar.attention.context import AttnContext
+from seqpar.kernels.varlen import doc_ids_and_positions
+
+IGNORE = -100
+
+
+def shift_labels(tokens: np.ndarray, cu_seqlens: np.ndarray) -> np.ndarray:
+    """Next-token targets per document: labels[i] = tokens[i + 1], IGNORE at each document's last token.
+
+    tokens: [T] int; cu_seqlens: [docs + 1] int32 -> [T] int64.
+    """
+    labels = np.full(tokens.shape[0], IGNORE, dtype=np.int64)
+    if tokens.shape[0] > 1:
+        labels[:-1] = tokens[1:]
+    ends = np.asarray(cu_seqlens[1:], dtype=np.int64) - 1
+    labels[ends[ends >= 0]] = IGNORE
+    return labels
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch on one rank.
+
+    tokens, labels: [T] int64; ctx: positions and document ids [T] int32 plus the global
+    cu_seqlens; num_tokens: tokens on this rank (each token counted on exactly one rank).
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    ctx: AttnContext
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def make_microbatch(tokens: np.ndarray, cu_seqlens: np.ndarray, device: torch.device) -> MicroBatch:
+    """Build the full (unsharded) micro-batch of one stream on ``device``."""
+    labels = shift_labels(tokens, cu_seqlens)
+    cu = torch.as_tensor(np.asarray(cu_seqlens, dtype=np.int32))
+    doc_ids, positions = doc_ids_and_positions(cu)
+    return MicroBatch(
+        tokens=torch.as_tensor(np.asarray(tokens, dtype=np.int64)).to(device),
+        labels=torch.as_tensor(labels).to(device),
+        ctx=AttnContext(positions=positions.to(device), doc_ids=doc_ids.to(device), cu_seqlens=cu.to(device)),
+    )

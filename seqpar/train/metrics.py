@@ -1,0 +1,79 @@
+"""Per-step metrics: one fixed-format line on rank 0 and the same values in metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from typing import IO
+
+import torch
+
+
+def memory_gib(device: torch.device) -> dict[str, float]:
+    """Peak device memory on CUDA (allocated, reserved); peak resident set size on CPU, in GiB."""
+    if device.type == "cuda":
+        return {
+            "mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem_reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
+        }
+    # ru_maxrss is KiB on Linux.
+    return {"mem_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class MetricsLogger:
+    """Writes step records. Only the rank given ``enabled=True`` (rank 0) prints or writes."""
+
+    def __init__(self, run_dir: str, total_steps: int, enabled: bool, stream: IO[str] | None = None) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.stream = stream or sys.stdout
+        self._file = None
+        self._start = time.perf_counter()
+        self._steps_timed = 0
+        self._time_sum = 0.0
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, file=self.stream, flush=True)
+
+    def log(self, record: dict, print_line: bool = True) -> None:
+        """record needs step, loss, grad_norm, lr, tokens, step_time_s; tokens_per_s and eta are added."""
+        # The first step pays for warm-up (allocations, first-touch), so the ETA ignores it.
+        if record["step"] > 1:
+            self._steps_timed += 1
+            self._time_sum += record["step_time_s"]
+        avg = self._time_sum / self._steps_timed if self._steps_timed else record["step_time_s"]
+        record["tokens_per_s"] = record["tokens"] / max(record["step_time_s"], 1e-9)
+        record["eta_s"] = avg * (self.total_steps - record["step"])
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if print_line:
+            width = len(str(self.total_steps))
+            mem = record.get("mem_peak_gib", 0.0)
+            print(
+                f"step {record['step']:>{width}}/{self.total_steps} | loss {record['loss']:.4f} | "
+                f"grad_norm {record['grad_norm']:.3f} | lr {record['lr']:.2e} | "
+                f"tok/s {record['tokens_per_s']:,.0f} | mem {mem:.2f} GiB | eta {_fmt_duration(record['eta_s'])}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

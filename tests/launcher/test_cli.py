@@ -1,0 +1,98 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def seqpar(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "seqpar.launcher", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_error_line(proc):
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("seqpar: error: "), proc.stderr
+    return lines[0]
+
+
+def test_print_cmd_builds_torchrun():
+    p = seqpar("train", "configs/tiny-cpu.yaml", "train.steps=5", "--nproc", "2", "--print-cmd")
+    assert p.returncode == 0, p.stderr
+    cmd = p.stdout.strip()
+    assert "-m torch.distributed.run --standalone --nproc_per_node=2 -m seqpar.train --config configs/tiny-cpu.yaml train.steps=5" in cmd
+
+
+def test_config_errors_are_one_line():
+    assert "did you mean 'train.steps'" in one_error_line(seqpar("train", "configs/tiny-cpu.yaml", "train.step=5", "--print-cmd"))
+    line = one_error_line(seqpar("train", "configs/tiny-cpu.yaml", "parallel.dp=2", "--nproc", "3", "--print-cmd"))
+    assert "must equal the world size 3" in line
+    line = one_error_line(seqpar("train", "configs/tiny-cpu.yaml", "model.n_kv_heads=3", "--print-cmd"))
+    assert "model.n_heads=4 must be a multiple of model.n_kv_heads=3" in line
+
+
+def _rank_entry(*overrides):
+    return subprocess.run(
+        [sys.executable, "-m", "seqpar.train", "--config", "configs/tiny-cpu.yaml", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_missing_data_path_is_one_line(tmp_path):
+    line = one_error_line(_rank_entry(f"data.path={tmp_path}/nothing", f"run.output_dir={tmp_path}/run"))
+    assert "data.path=" in line and "seqpar data prepare" in line
+
+
+def test_corrupt_idx_is_one_line(tmp_path, small_store):
+    import shutil
+
+    bad = str(tmp_path / "bad")
+    shutil.copy(small_store + ".bin", bad + ".bin")
+    with open(small_store + ".idx", "rb") as f:
+        head = f.read()
+    with open(bad + ".idx", "wb") as f:
+        f.write(head[: len(head) // 2])
+    line = one_error_line(_rank_entry(f"data.path={bad}", f"run.output_dir={tmp_path}/run"))
+    assert "bad.idx" in line and "seqpar data prepare" in line
+
+
+def test_data_prepare_cli(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hi there"}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    p = seqpar("data", "prepare", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--output", str(tmp_path / "s"), "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "3 documents" in p.stdout
+    from seqpar.data.store import TokenStore
+
+    store = TokenStore(str(tmp_path / "s"))
+    assert store.num_docs == 3 and store.doc(0).tolist() == list(b"hello") + [256]
+
+
+def test_train_end_to_end_two_ranks(tmp_path, small_store):
+    p = seqpar(
+        "train",
+        "configs/tiny-cpu.yaml",
+        f"data.path={small_store}",
+        "train.steps=3",
+        "data.seq_len=256",
+        "data.tokens_per_step=1024",
+        f"run.output_dir={tmp_path}/run",
+        "--nproc",
+        "2",
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    steps = [ln for ln in p.stdout.splitlines() if ln.startswith("step ")]
+    assert len(steps) == 3 and "tok/s" in steps[0] and "loss" in steps[0] and "eta" in steps[0]
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("loss", "tokens", "tokens_per_s", "grad_norm", "lr"):
+        assert key in records[0]
+    assert records[0]["tokens"] == 1024  # counted once per token, not once per rank
