@@ -70,12 +70,35 @@ def _validate(fn: str, q, k, v, q_doc, q_pos, k_doc, k_pos) -> tuple[int, int]:
     return kv_heads, heads // kv_heads
 
 
-def _plan_chunks(q_doc: torch.Tensor, k_doc: torch.Tensor, heads: int, elem_bytes: int) -> list[Chunk]:
+def _is_sorted(x: torch.Tensor) -> bool:
+    return x.shape[0] < 2 or bool((x[1:] >= x[:-1]).all())
+
+
+def _key_ranges(q_doc, q_pos, k_doc, k_pos, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-query [lo, hi) covering every key the query can see, or None if unknown.
+
+    Needs k_doc sorted: then lo/hi bound the query's document. If keys are also
+    sorted by (doc, pos), causal queries stop at their own position, which
+    skips the upper triangle of each document.
+    """
+    if not _is_sorted(k_doc):
+        return None
+    kd, qd = k_doc.long().contiguous(), q_doc.long()
+    lo = torch.searchsorted(kd, qd, right=False)
+    if causal and int(torch.minimum(k_pos.min(), q_pos.min())) >= 0:
+        stride = int(torch.maximum(k_pos.max(), q_pos.max())) + 1
+        k_key = kd * stride + k_pos.long()  # lexicographic (doc, pos)
+        if _is_sorted(k_key):
+            return lo, torch.searchsorted(k_key, qd * stride + q_pos.long(), right=True)
+    return lo, torch.searchsorted(kd, qd, right=True)
+
+
+def _plan_chunks(q_doc, q_pos, k_doc, k_pos, causal: bool, heads: int, elem_bytes: int) -> list[Chunk]:
     """Split queries into chunks whose [heads, n, k_span] score block fits the budget.
 
-    When k_doc is sorted, each chunk only looks at the keys of the documents its
-    queries belong to, so a packed stream of many documents costs about
-    sum(len_doc^2) instead of T^2.
+    With sorted keys each chunk only looks at the key range its queries can see
+    (see _key_ranges), so a packed stream of many documents costs about
+    sum(len_doc^2) instead of T^2. Returns (q_start, q_end, k_start, k_end).
     """
     tq, tk = q_doc.shape[0], k_doc.shape[0]
     if tq == 0:
@@ -83,17 +106,12 @@ def _plan_chunks(q_doc: torch.Tensor, k_doc: torch.Tensor, heads: int, elem_byte
     if tk == 0:
         return [(0, tq, 0, 0)]
     budget = max(1, SCORE_BLOCK_BYTES // (heads * elem_bytes))  # n * k_span cells
-    k_sorted = tk == 1 or bool((k_doc[1:] >= k_doc[:-1]).all())
-    if not k_sorted:
+    ranges = _key_ranges(q_doc, q_pos, k_doc, k_pos, causal)
+    if ranges is None:
         n = max(1, budget // tk)
         return [(i, min(tq, i + n), 0, tk) for i in range(0, tq, n)]
-
-    sorted_docs = k_doc.contiguous()
-    docs = q_doc.to(sorted_docs.dtype)
-    # Per-query key range of its document; on the host once so the loop below
-    # does not synchronise with an accelerator per chunk.
-    lo = torch.searchsorted(sorted_docs, docs, right=False).cpu()
-    hi = torch.searchsorted(sorted_docs, docs, right=True).cpu()
+    # On the host once, so the loop does not synchronise with an accelerator per chunk.
+    lo, hi = ranges[0].cpu(), ranges[1].cpu()
     chunks: list[Chunk] = []
     i = 0
     while i < tq:
@@ -103,7 +121,7 @@ def _plan_chunks(q_doc: torch.Tensor, k_doc: torch.Tensor, heads: int, elem_byte
             if n == 1 or n * (k1 - k0) <= budget:
                 break
             n = max(1, min(n // 2, budget // max(1, k1 - k0)))
-        chunks.append((i, i + n, k0, k1))
+        chunks.append((i, i + n, k0, max(k0, k1)))
         i += n
     return chunks
 
@@ -160,7 +178,7 @@ def block_attn_fwd(
     dtype = compute_dtype(q, k, v)
     out = torch.zeros(tq, heads, dim, dtype=dtype, device=q.device)
     lse = torch.full((heads, tq), _NEG_INF, dtype=dtype, device=q.device)
-    chunks = _plan_chunks(q_doc, k_doc, heads, dtype.itemsize)
+    chunks = _plan_chunks(q_doc, q_pos, k_doc, k_pos, causal, heads, dtype.itemsize)
     if not chunks:
         return out, lse
     kt = k.to(dtype).transpose(0, 1).contiguous()  # [Hkv, Tk, D]
@@ -219,7 +237,7 @@ def block_attn_bwd(
     dq = torch.zeros(tq, heads, dim, dtype=dtype, device=q.device)
     dkt = torch.zeros(kv_heads, k.shape[0], dim, dtype=dtype, device=k.device)  # [Hkv, Tk, D]
     dvt = torch.zeros_like(dkt)
-    chunks = _plan_chunks(q_doc, k_doc, heads, dtype.itemsize)
+    chunks = _plan_chunks(q_doc, q_pos, k_doc, k_pos, causal, heads, dtype.itemsize)
     if chunks:
         kt = k.to(dtype).transpose(0, 1).contiguous()
         vt = v.to(dtype).transpose(0, 1).contiguous()
@@ -227,7 +245,8 @@ def block_attn_bwd(
         if k1 == k0:
             continue
         n, m = q1 - q0, k1 - k0
-        qh = _to_heads(q[q0:q1], kv_heads, group, dtype) * scale  # scale * q serves both s and dk; not in place: may be a view of q
+        # scale * q serves both s and dk; not in place, as it may be a view of q.
+        qh = _to_heads(q[q0:q1], kv_heads, group, dtype) * scale
         doh = _to_heads(dout[q0:q1], kv_heads, group, dtype)
         delta = (doh * _to_heads(out[q0:q1], kv_heads, group, dtype)).sum(dim=-1, keepdim=True)
         row_lse = lse[:, q0:q1].to(dtype).reshape(kv_heads, group, n, 1)

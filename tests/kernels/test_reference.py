@@ -77,9 +77,11 @@ def test_fwd_bwd_match_oracle(seqlens, heads, kv_heads, causal, dtype):
     q, k, v, dout = _qkv(t, t, heads, kv_heads, dim, dtype)
     docs, pos = _stream(seqlens)
     scale = 1 / math.sqrt(dim)
+    inputs = [t.clone() for t in (q, k, v, dout)]
     out, lse = block_attn_fwd(q, k, v, docs, pos, docs, pos, causal=causal, scale=scale)
     assert out.dtype == lse.dtype == dtype
     dq, dk, dv = block_attn_bwd(dout, q, k, v, out, lse, docs, pos, docs, pos, causal=causal, scale=scale)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (q, k, v, dout))), "inputs were modified"
     ref = oracle_grads(q, k, v, dout, seqlens, causal, scale, attn=oracle_varlen)
     for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref):
         _check(a, r, TOL[dtype], name)
@@ -97,29 +99,40 @@ def test_low_precision_inputs_compute_in_fp32():
         _check(a, r, 1e-5, name)
 
 
-@pytest.mark.parametrize("shuffle_keys", [False, True], ids=["sorted", "unsorted"])
-def test_chunked_paths_match_oracle(monkeypatch, shuffle_keys):
-    # A tiny budget forces many query chunks and per-chunk key ranges.
+@pytest.mark.parametrize("key_order", ["sorted", "pos_shuffled", "shuffled"])
+def test_chunked_paths_match_oracle(monkeypatch, key_order):
+    # A tiny budget forces many query chunks and per-chunk key ranges; the key
+    # orders hit the (doc, pos)-sorted, doc-sorted and unsorted planner paths.
     monkeypatch.setattr(reference, "SCORE_BLOCK_BYTES", 2048)
     docs, pos = _stream(SMALL_DOCS)
     q, k, v, dout = _qkv(59, 59, 4, 2, 16, torch.float64)
-    k_doc, k_pos = docs, pos
-    if shuffle_keys:
-        perm = torch.randperm(59, generator=torch.Generator().manual_seed(1))
-        k, v, k_doc, k_pos = k[perm], v[perm], docs[perm], pos[perm]
+    g = torch.Generator().manual_seed(1)
+    perm = torch.arange(59)
+    if key_order == "shuffled":
+        perm = torch.randperm(59, generator=g)
+    elif key_order == "pos_shuffled":
+        perm = torch.argsort(docs * 1000 + torch.randperm(59, generator=g))  # docs stay sorted
+    k, v, k_doc, k_pos = k[perm], v[perm], docs[perm], pos[perm]
     for causal in (True, False):
         _check_all(q, k, v, dout, docs, pos, k_doc, k_pos, causal, 0.25, 1e-10)
 
 
-def test_packed_stream_skips_other_documents(monkeypatch):
-    monkeypatch.setattr(reference, "SCORE_BLOCK_BYTES", 1 << 20)
-    docs, _ = _stream(LONG_DOCS)
-    chunks = reference._plan_chunks(docs, docs, heads=1, elem_bytes=8)
+def _planned_cells(docs, pos, causal, budget_bytes=1 << 20, elem_bytes=8):
+    chunks = reference._plan_chunks(docs, pos, docs, pos, causal, heads=1, elem_bytes=elem_bytes)
     assert chunks[0][0] == 0 and chunks[-1][1] == docs.numel()
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
-    cells = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in chunks)
-    assert cells < 0.6 * docs.numel() ** 2, cells  # vs T^2 without the document ranges
-    assert all((q1 - q0) * (k1 - k0) <= (1 << 20) // 8 for q0, q1, k0, k1 in chunks)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])), "query chunks must tile the queries"
+    assert all((q1 - q0) * (k1 - k0) <= budget_bytes // elem_bytes for q0, q1, k0, k1 in chunks)
+    return sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in chunks)
+
+
+def test_planner_skips_invisible_keys(monkeypatch):
+    monkeypatch.setattr(reference, "SCORE_BLOCK_BYTES", 1 << 20)
+    docs, pos = _stream(LONG_DOCS)
+    full = _planned_cells(docs, pos, causal=False)
+    causal = _planned_cells(docs, pos, causal=True)
+    same_doc = sum(n * n for n in LONG_DOCS)
+    assert same_doc <= full < 1.1 * same_doc, (full, same_doc)  # vs T^2 = 3.4 x same_doc
+    assert causal < 0.6 * same_doc, (causal, same_doc)  # the upper triangles are skipped
 
 
 # --------------------------------------------------------------------------- shards and merge
@@ -216,7 +229,8 @@ def test_fully_masked_rows():
         out, lse = block_attn_fwd(q, k, v, q_doc, q_pos, k_doc, k_pos, causal=causal, scale=0.3)
         dq, dk, dv = block_attn_bwd(dout, q, k, v, out, lse, q_doc, q_pos, k_doc, k_pos, causal=causal, scale=0.3)
         assert torch.equal(out[empty], torch.zeros_like(out[empty]))
-        assert torch.isneginf(lse[:, empty]).all() and torch.isfinite(lse[:, [i for i in range(6) if i not in empty]]).all()
+        seen = [i for i in range(6) if i not in empty]
+        assert torch.isneginf(lse[:, empty]).all() and torch.isfinite(lse[:, seen]).all()
         assert torch.equal(dq[empty], torch.zeros_like(dq[empty]))
         assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
         _check_all(q, k, v, dout, q_doc, q_pos, k_doc, k_pos, causal, 0.3, 1e-10)
@@ -224,7 +238,8 @@ def test_fully_masked_rows():
 
 def test_all_rows_masked_gives_zero_grads():
     q, k, v, dout = _qkv(3, 2, 2, 2, 4, torch.float32)
-    q_doc, k_doc, pos3, pos2 = torch.zeros(3, dtype=torch.long), torch.ones(2, dtype=torch.long), torch.arange(3), torch.arange(2)
+    q_doc, k_doc = torch.zeros(3, dtype=torch.long), torch.ones(2, dtype=torch.long)  # no shared document
+    pos3, pos2 = torch.arange(3), torch.arange(2)
     out, lse = block_attn_fwd(q, k, v, q_doc, pos3, k_doc, pos2, causal=False, scale=1.0)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     grads = block_attn_bwd(dout, q, k, v, out, lse, q_doc, pos3, k_doc, pos2, causal=False, scale=1.0)
@@ -375,7 +390,7 @@ def test_dispatch():
     assert resolve_impl("auto", torch.device("cpu")) == "reference"
     assert resolve_impl("reference", torch.device("cpu")) == "reference"
     assert get_impl("reference") == (block_attn_fwd, block_attn_bwd)
-    with pytest.raises(NotImplementedError, match="kernels.attention=triton is not available yet; use auto or reference"):
+    with pytest.raises(NotImplementedError, match="triton is not available yet; use auto or reference"):
         resolve_impl("triton", torch.device("cpu"))
     with pytest.raises(ValueError, match="auto, triton, reference"):
         resolve_impl("flash", torch.device("cpu"))
