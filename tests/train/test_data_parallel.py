@@ -1,5 +1,7 @@
 """A data-parallel run gives the same losses as one process on the same global batch."""
 
+import math
+
 import pytest
 
 from seqpar.config import load_config
@@ -47,3 +49,35 @@ def test_batch_that_does_not_split_over_dp(dist_pool, small_store, tmp_path):
     overrides = _overrides(small_store, tmp_path, "odd") + ["data.tokens_per_step=768"]  # 3 streams over dp=2
     with pytest.raises(AssertionError, match="make data.tokens_per_step a multiple of 512"):
         dist_pool(2).run(_train, overrides)
+
+
+def _megatron_store(prefix):
+    """A store built the way Megatron's preprocess_data.py does with --split-sentences (int32, EOD)."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    eod = 999
+    for _ in range(60):
+        sentences = [rng.integers(0, 900, int(rng.integers(5, 80))) for _ in range(int(rng.integers(1, 5)))]
+        sentences[-1] = np.append(sentences[-1], eod)
+        builder.add_document(torch.from_numpy(np.concatenate(sentences)), [len(s) for s in sentences])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def test_megatron_built_store_trains(dist_pool, tmp_path):
+    prefix = _megatron_store(str(tmp_path / "megatron_text_document"))
+    base = _overrides(prefix, tmp_path, "meg") + ["data.seq_len=128", "data.tokens_per_step=512"]
+    with pytest.raises(AssertionError, match="token id 999 does not fit model.vocab_size=320; set model.vocab_size to at least 1000"):
+        dist_pool(1).run(_train, base)
+    records = dist_pool(1).run(_train, base + ["model.vocab_size=1024"])[0]
+    assert len(records) == 3 and all(400 < r[2] <= 512 for r in records)  # best-fit packing fills ~99%
+    assert all(math.isfinite(r[0]) for r in records)

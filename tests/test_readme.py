@@ -1,0 +1,27 @@
+"""The README's commands and code examples stay true."""
+
+import os
+import re
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme():
+    with open(os.path.join(REPO, "README.md")) as f:
+        return f.read()
+
+
+def test_readme_opens_with_train_and_test_commands():
+    head = _readme().split("\n---\n")[0]
+    blocks = re.findall(r"```bash\n(.*?)\n```", head, re.S)
+    assert len(blocks) == 2
+    train, test = blocks
+    assert "pip install torch==2.13.0" in train and "seqpar train configs/tiny-cpu.yaml --nproc 2" in train
+    assert "pip install torch==2.13.0" in test and "python -m pytest" in test
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        assert "test-command" in f.read()
+
+
+def test_readme_python_examples_run():
+    for block in re.findall(r"```python\n(.*?)\n```", _readme(), re.S):
+        exec(compile(block, "README.md", "exec"), {})
