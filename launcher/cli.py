@@ -2,6 +2,7 @@
 
     seqpar train configs/tiny-cpu.yaml --nproc 2            # torchrun --standalone, 2 ranks
     seqpar train configs/tiny-cpu.yaml train.steps=10 --print-cmd
+    seqpar train configs/llama-1b-128k.yaml --dry-run --world-size 8   # validate the layout, launch nothing
     seqpar data prepare corpus/ notes.jsonl --output data/mystore
 """
 
@@ -35,9 +36,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         nproc = args.nproc or _default_nproc(cfg)
-        ParallelDims(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ulysses, cfg.parallel.ring, nproc)
+        if args.dry_run:
+            from seqpar.train.dry_run import dry_run_report
+
+            # The world may span nodes (--world-size 16 with --nproc 8), so only it is checked.
+            report = dry_run_report(cfg, args.world_size or nproc)
+        else:
+            ParallelDims(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ulysses, cfg.parallel.ring, nproc)
     except (ConfigError, ParallelDimsError, ValueError) as e:
         return _error(str(e))
+    if args.dry_run:
+        print(report, flush=True)
+        return 0
     cmd = torchrun_cmd(args.config, args.overrides, nproc)
     print(format_cmd(cmd), flush=True)
     if args.print_cmd:
@@ -78,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.dp=2")
     p.add_argument("--nproc", type=int, default=0, help="processes on this node (default: dp x sp from the config, else GPUs or 1)")
     p.add_argument("--print-cmd", action="store_true", help="print the torchrun command and exit")
+    p.add_argument("--dry-run", action="store_true", help="validate the layout, print mesh, batch, model and memory, launch nothing")
+    p.add_argument("--world-size", type=int, default=0, help="ranks for --dry-run (default: --nproc, else as for launching)")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)

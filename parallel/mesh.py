@@ -27,6 +27,7 @@ class Groups:
     ring: dist.ProcessGroup
     dp_sp: dist.ProcessGroup
     world: dist.ProcessGroup
+    dp_sp_mesh: DeviceMesh
 
     @property
     def dp_rank(self) -> int:
@@ -57,4 +58,5 @@ def build_groups(dims: ParallelDims, device_type: str) -> Groups:
         ring=mesh.get_group("ring"),
         dp_sp=dp_sp_mesh.get_group(),
         world=dist.group.WORLD,
+        dp_sp_mesh=dp_sp_mesh,
     )

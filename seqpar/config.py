@@ -117,8 +117,11 @@ class ParallelConfig:
     sp: int = 1
     ulysses: int = 1
     ring: int = 1
+    fsdp: bool = True  # shard parameters, gradients and optimizer state over dp x sp; false replicates
+    timeout_s: float = 600.0  # collective timeout: a dead rank fails the job instead of hanging it
 
     def __post_init__(self) -> None:
+        _check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be positive")
         _check(self.dp == -1 or self.dp >= 1, f"parallel.dp={self.dp} must be >= 1, or -1 to fill the world size")
         for key in ("sp", "ulysses", "ring"):
             _check(getattr(self, key) >= 1, f"parallel.{key}={getattr(self, key)} must be >= 1")
@@ -140,6 +143,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    on_nan: str = "stop"  # a NaN/inf loss or grad norm: stop the run, or skip the step
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
@@ -148,15 +152,34 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables)")
         _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        _choice("train.on_nan", self.on_nan, ("stop", "skip"))
 
 
 @dataclass
 class LoggingConfig:
     log_every: int = 1
     progress: bool = True  # progress bar for long preprocessing
+    tensorboard: bool = False  # also write TensorBoard scalars to RUN_DIR/tensorboard (needs tensorboard installed)
 
     def __post_init__(self) -> None:
         _check(self.log_every >= 1, f"logging.log_every={self.log_every} must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGUSR1)
+    keep_latest: int = 2  # complete checkpoints kept; older ones are deleted
+    resume: bool = True  # resume from the newest complete checkpoint in RUN_DIR/checkpoints
+    save_final: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.interval >= 0, f"checkpoint.interval={self.interval} must be >= 0 (0: only at the end)")
+        _check(self.keep_latest >= 1, f"checkpoint.keep_latest={self.keep_latest} must be >= 1")
+
+
+@dataclass
+class ClusterConfig:
+    profile: str = "auto"  # hardware profile for MFU: auto (detect), a name in cluster/profiles, or a YAML path
 
 
 @dataclass
@@ -175,6 +198,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def to_dict(self) -> dict:

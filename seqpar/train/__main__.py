@@ -16,17 +16,20 @@ def main(argv: list[str] | None = None) -> int:
     from seqpar.config import ConfigError, load_config
     from seqpar.data.store import StoreError
     from seqpar.parallel.dims import ParallelDimsError
+    from seqpar.train.trainer import TrainingError, train
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from seqpar.train.trainer import train
-
         train(cfg)
     except (ConfigError, ParallelDimsError, StoreError) as e:
         # Every rank hits the same error; one line from rank 0 is enough.
         if os.environ.get("RANK", "0") == "0":
             print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
+        return 3
     finally:
         from seqpar.parallel.init import destroy_distributed
 

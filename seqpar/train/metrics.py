@@ -33,8 +33,12 @@ def _fmt_duration(seconds: float) -> str:
 class MetricsLogger:
     """Writes step records. Only the rank given ``enabled=True`` (rank 0) prints or writes."""
 
-    def __init__(self, run_dir: str, total_steps: int, enabled: bool, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self, run_dir: str, total_steps: int, enabled: bool, stream: IO[str] | None = None, tensorboard: bool = False
+    ) -> None:
         self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._tb = None
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
         self._file = None
@@ -43,13 +47,32 @@ class MetricsLogger:
         self._time_sum = 0.0
         if enabled:
             os.makedirs(run_dir, exist_ok=True)
-            self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            self._file = open(self.path, "a")
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ImportError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (written before a crash, redone after resume)."""
+        if not self.enabled:
+            return
+        self._file.close()
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
 
     def info(self, msg: str) -> None:
         if self.enabled:
             print(msg, file=self.stream, flush=True)
 
-    def log(self, record: dict, print_line: bool = True) -> None:
+    def log(self, record: dict, mfu: str = "n/a", print_line: bool = True) -> None:
         """record needs step, loss, grad_norm, lr, tokens, step_time_s; tokens_per_s and eta are added."""
         # The first step pays for warm-up (allocations, first-touch), so the ETA ignores it.
         if record["step"] > 1:
@@ -62,13 +85,18 @@ class MetricsLogger:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, record["step"])
         if print_line:
             width = len(str(self.total_steps))
             mem = record.get("mem_peak_gib", 0.0)
             print(
                 f"step {record['step']:>{width}}/{self.total_steps} | loss {record['loss']:.4f} | "
                 f"grad_norm {record['grad_norm']:.3f} | lr {record['lr']:.2e} | "
-                f"tok/s {record['tokens_per_s']:,.0f} | mem {mem:.2f} GiB | eta {_fmt_duration(record['eta_s'])}",
+                f"tok/s {record['tokens_per_s']:,.0f} | tflops {record.get('tflops_per_s', 0.0):.3f} | mfu {mfu} | "
+                f"mem {mem:.2f} GiB | eta {_fmt_duration(record['eta_s'])}" + (" | skipped (non-finite)" if record.get("skipped") else ""),
                 file=self.stream,
                 flush=True,
             )
@@ -77,3 +105,6 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

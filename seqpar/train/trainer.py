@@ -11,6 +11,7 @@ then gives the single-device loss and gradients.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 
@@ -18,48 +19,30 @@ import torch
 import torch.distributed as dist
 
 from seqpar.attention import build_attention
-from seqpar.config import Config, ConfigError, save_config
+from seqpar.config import Config, save_config
 from seqpar.model.flops import train_flops
 from seqpar.model.llama import Transformer, token_loss_sum
 from seqpar.parallel.dims import ParallelDims
 from seqpar.parallel.grad_sync import all_reduce_grads
-from seqpar.parallel.init import init_distributed
+from seqpar.parallel.init import DistInfo, init_distributed
 from seqpar.parallel.mesh import Groups, build_groups
 from seqpar.train.batch import MicroBatch, make_microbatch
+from seqpar.train.checkpoint import Checkpointer
 from seqpar.train.data_setup import open_data
+from seqpar.train.dry_run import check_sp_heads, micro_batches_per_rank
+from seqpar.train.faults import Faults
 from seqpar.train.metrics import MetricsLogger, memory_gib
 from seqpar.train.optim import build_optimizer, build_scheduler
+from seqpar.train.preemption import PreemptionFlag
 
 
-def _streams_for_rank(cfg: Config, dims: ParallelDims, dp_rank: int, step: int) -> list[int]:
-    """Global stream indices of one optimizer step that this dp rank trains on (micro-batches in order)."""
-    per_step = cfg.data.streams_per_step
-    per_rank = per_step // dims.dp
-    base = step * per_step + dp_rank * per_rank
-    return list(range(base, base + per_rank))
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, checkpoint that does not fit); the message says why."""
 
 
-def _check_batch_layout(cfg: Config, dims: ParallelDims) -> None:
-    if cfg.data.streams_per_step % dims.dp != 0:
-        raise ConfigError(
-            f"data.tokens_per_step={cfg.data.tokens_per_step} holds {cfg.data.streams_per_step} streams of "
-            f"data.seq_len={cfg.data.seq_len}, which does not split over dp={dims.dp} ranks; "
-            f"make data.tokens_per_step a multiple of {cfg.data.seq_len * dims.dp}"
-        )
-
-
-def _autocast(cfg: Config, device: torch.device):
-    want_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-    if want_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _broadcast_params(model: torch.nn.Module, group: dist.ProcessGroup) -> None:
-    # Same seed gives the same init, but a broadcast makes replicas identical by construction.
-    if dist.get_world_size(group) > 1:
-        for p in model.parameters():
-            dist.broadcast(p.data, src=dist.get_global_rank(group, 0), group=group)
+def _compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def _all_reduce_sum(values: list[float], group: dist.ProcessGroup, device: torch.device) -> list[float]:
@@ -69,100 +52,210 @@ def _all_reduce_sum(values: list[float], group: dist.ProcessGroup, device: torch
     return t.tolist()
 
 
+def build_model(cfg: Config, info: DistInfo, groups: Groups) -> Transformer:
+    """The model on this rank: FSDP-sharded over dp x sp, or replicated (identical on every rank)."""
+    torch.manual_seed(cfg.run.seed)
+    attention = build_attention(cfg.kernels.attention, info.device, sp=groups.dims.sp)
+    model = Transformer(cfg.model, attention).to(info.device)
+    # Same seed gives the same init, but a broadcast makes replicas identical by construction.
+    if dist.get_world_size(groups.world) > 1:
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0, group=groups.world)
+    if cfg.parallel.fsdp:
+        from seqpar.parallel.fsdp import apply_fsdp
+
+        dtype = _compute_dtype(cfg, info.device)
+        apply_fsdp(model, list(model.layers), groups.dp_sp_mesh, param_dtype=dtype if dtype != torch.float32 else None)
+    return model
+
+
 def train_step(
     model: Transformer,
     batches: list[MicroBatch],
     groups: Groups,
     cfg: Config,
     device: torch.device,
-) -> tuple[float, int, int]:
-    """Forward/backward over the step's micro-batches of this rank; grads summed over dp x sp.
+    poison: bool = False,
+) -> tuple[float, int, int, bool]:
+    """Forward/backward over this rank's micro-batches; gradients end up summed over dp x sp.
 
-    Returns (global mean loss, global target tokens, global tokens). Collective over dp_sp.
+    Returns (global mean loss, global target tokens, global tokens, local loss finite).
+    Collective over dp_sp. ``poison`` makes the local loss NaN (fault injection).
     """
     local_targets = sum(b.num_targets for b in batches)
     local_tokens = sum(b.num_tokens for b in batches)
     global_targets, global_tokens = _all_reduce_sum([local_targets, local_tokens], groups.dp_sp, device)
     denom = max(global_targets, 1.0)
+    dtype = _compute_dtype(cfg, device)
+    # With FSDP the mixed-precision policy casts parameters; autocast is for the replicated path.
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if dtype != torch.float32 and not cfg.parallel.fsdp
+        else contextlib.nullcontext()
+    )
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for b in batches:
-        with _autocast(cfg, device):
+        with autocast:
             logits = model(b.tokens, b.ctx)
         loss = token_loss_sum(logits, b.labels) / denom
+        if poison:
+            loss = loss * float("nan")
         loss.backward()
         loss_sum += loss.detach().double()
-    all_reduce_grads(model.parameters(), groups.dp_sp)
-    (global_loss,) = _all_reduce_sum([loss_sum.item()], groups.dp_sp, device)
-    return global_loss, int(global_targets), int(global_tokens)
+    if not cfg.parallel.fsdp:
+        all_reduce_grads(model.parameters(), groups.dp_sp)
+    local = loss_sum.item()
+    (global_loss,) = _all_reduce_sum([local], groups.dp_sp, device)
+    return global_loss, int(global_targets), int(global_tokens), math.isfinite(local)
+
+
+def _grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _bad_ranks(local_ok: bool, group: dist.ProcessGroup, device: torch.device) -> list[int]:
+    flags = torch.zeros(dist.get_world_size(group), device=device)
+    flags[dist.get_rank(group)] = 0.0 if local_ok else 1.0
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(flags, group=group)
+    return [r for r, f in enumerate(flags.tolist()) if f > 0]
+
+
+def _data_meta(cfg: Config, prefix: str) -> dict:
+    d = cfg.data
+    return {"path": prefix, "mode": d.mode, "seq_len": d.seq_len, "doc_mask": d.doc_mask, "seed": cfg.run.seed}
 
 
 def train(cfg: Config) -> list[dict]:
-    """Run training as configured; returns the per-step records (identical on every rank)."""
-    info = init_distributed()
+    """Run (or resume) training as configured; returns this process's per-step records (same on every rank)."""
+    info = init_distributed(timeout_s=cfg.parallel.timeout_s)
     dims = ParallelDims(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ulysses, cfg.parallel.ring, info.world_size)
-    _check_batch_layout(cfg, dims)
+    micro_batches_per_rank(cfg.data, dims.dp)
+    check_sp_heads(cfg.model, dims.ulysses)
     groups = build_groups(dims, info.device.type)
     is_main = info.rank == 0
-    log = MetricsLogger(cfg.run.output_dir, cfg.train.steps, enabled=is_main)
+    run_dir = cfg.run.output_dir
 
     store, source = open_data(cfg, info.local_rank)
     cfg.model.vocab_size = source.vocab_size
     if is_main:
-        os.makedirs(cfg.run.output_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
     from seqpar.data.streams import PackedStreams
+    from seqpar.hardware import format_mfu, peak_flops, resolve_profile
 
     streams = PackedStreams(store, mode=cfg.data.mode, seq_len=cfg.data.seq_len, seed=cfg.run.seed, doc_mask=cfg.data.doc_mask)
-
-    torch.manual_seed(cfg.run.seed)
-    attention = build_attention(cfg.kernels.attention, info.device, sp=dims.sp)
-    model = Transformer(cfg.model, attention).to(info.device)
-    _broadcast_params(model, groups.world)
+    model = build_model(cfg, info, groups)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_latest, group=groups.world)
+    ckpt.clean_partial()
+    faults = Faults(info.rank)
+    data_meta = _data_meta(cfg, source.prefix)
 
-    log.info(f"seqpar | {dims.describe()} | backend {info.backend} | device {info.device.type}")
+    log = MetricsLogger(run_dir, cfg.train.steps, enabled=is_main, tensorboard=cfg.logging.tensorboard)
+    start_step, consumed = 0, 0
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    if latest:
+        try:
+            state = ckpt.load(latest, model, optimizer)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise TrainingError(
+                f"checkpoint {latest} does not fit this run ({str(e).splitlines()[0][:200]}); "
+                "use a new run.output_dir or set checkpoint.resume=false"
+            ) from None
+        scheduler.load_state_dict(state.scheduler)
+        start_step, consumed = state.step, state.streams_consumed
+        log.truncate_after(start_step)
+        log.info(f"resumed from {latest} (step {start_step}, saved on {state.meta.get('world_size')} ranks)")
+        if state.meta.get("data") != data_meta:
+            log.info(
+                f"warning: the data settings changed since the checkpoint ({state.meta.get('data')} -> {data_meta}); "
+                f"the data position cannot follow exactly: continuing at stream {consumed} of the new packing"
+            )
+
+    dtype = _compute_dtype(cfg, info.device)
+    profile = resolve_profile(cfg.cluster.profile, info.device)
+    peak = peak_flops(profile, "bf16" if dtype == torch.bfloat16 else "fp32")
+    log.info(f"seqpar | {dims.describe()} | backend {info.backend} | device {info.device.type} | fsdp {'on' if cfg.parallel.fsdp else 'off'}")
     log.info(
         f"model {model.num_params() / 1e6:.2f}M params | data {source.description}: {store.num_docs:,} docs, "
-        f"{store.num_tokens:,} tokens | {streams.describe()} | {cfg.data.tokens_per_step:,} tokens/step | run dir {cfg.run.output_dir}"
+        f"{store.num_tokens:,} tokens | {streams.describe()} | {cfg.data.tokens_per_step:,} tokens/step | run dir {run_dir}"
+    )
+    log.info(
+        "FLOPs: model FLOPs (6 x matmul params per token + causal attention per document, recompute not counted); "
+        f"peak {'n/a' if peak is None else f'{peak / 1e12:.1f} TFLOP/s per device'} "
+        f"({profile.name if profile else 'unknown hardware'}, {str(dtype).replace('torch.', '')})"
     )
 
-    records = []
-    dp_rank = groups.dp_rank
-    for step in range(cfg.train.steps):
-        t0 = time.perf_counter()
-        batches = []
-        doc_lengths: list[int] = []
-        for i in _streams_for_rank(cfg, dims, dp_rank, step):
-            s = streams[i]
-            batches.append(make_microbatch(s.tokens, s.cu_seqlens, info.device))
-            doc_lengths.extend(int(n) for n in (s.cu_seqlens[1:] - s.cu_seqlens[:-1]))
-        loss, targets, tokens = train_step(model, batches, groups, cfg, info.device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if info.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        (flops,) = _all_reduce_sum([train_flops(cfg.model, doc_lengths)], groups.dp, info.device)
-        record = {
-            "step": step + 1,
-            "loss": loss,
-            "grad_norm": float(grad_norm),
-            "lr": lr,
-            "tokens": tokens,
-            "targets": targets,
-            "step_time_s": elapsed,
-            "tflops_per_s": flops / elapsed / 1e12,
-            **memory_gib(info.device),
-        }
-        log.log(record, print_line=(step + 1) % cfg.logging.log_every == 0 or step == 0 or step + 1 == cfg.train.steps)
-        records.append(record)
-    log.info(f"done: {cfg.train.steps} steps, final loss {records[-1]['loss']:.4f}")
-    log.close()
+    preempt = PreemptionFlag()
+    records: list[dict] = []
+    per_rank = cfg.data.streams_per_step // dims.dp
+    step = start_step
+    try:
+        while step < cfg.train.steps:
+            t0 = time.perf_counter()
+            base = consumed + groups.dp_rank * per_rank
+            batches, doc_lengths = [], []
+            for i in range(base, base + per_rank):
+                s = streams[i]
+                batches.append(make_microbatch(s.tokens, s.cu_seqlens, info.device))
+                doc_lengths.extend(int(n) for n in (s.cu_seqlens[1:] - s.cu_seqlens[:-1]))
+            loss, targets, tokens, local_ok = train_step(model, batches, groups, cfg, info.device, faults.nan_loss(step + 1))
+            grad_norm = _grad_norm(model, cfg.train.grad_clip)
+            bad = _bad_ranks(local_ok, groups.world, info.device)
+            finite = not bad and math.isfinite(loss) and math.isfinite(grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            if finite:
+                optimizer.step()
+            elif cfg.train.on_nan == "stop":
+                where = f"on rank {', '.join(map(str, bad))}" if bad else "after gradient reduction (all ranks)"
+                raise TrainingError(
+                    f"non-finite {'loss' if bad or not math.isfinite(loss) else 'gradient norm'} at step {step + 1} {where}; "
+                    f"last good checkpoint: {ckpt.latest() or 'none'}; lower train.lr, or set train.on_nan=skip to skip such steps"
+                )
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if info.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            step += 1
+            consumed += cfg.data.streams_per_step
+            (flops,) = _all_reduce_sum([train_flops(cfg.model, doc_lengths)], groups.dp, info.device)
+            per_device = flops / elapsed / info.world_size
+            record = {
+                "step": step,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "tokens": tokens,
+                "targets": targets,
+                "step_time_s": elapsed,
+                "tflops_per_s": per_device / 1e12,
+                "mfu": None if peak is None else per_device / peak,
+                "skipped": not finite,
+                **memory_gib(info.device),
+            }
+            log.log(record, format_mfu(record["mfu"]), print_line=step % cfg.logging.log_every == 0 or step in (start_step + 1, cfg.train.steps))
+            records.append(record)
+
+            stop = preempt.should_stop(groups.world, info.device)
+            interval = cfg.checkpoint.interval
+            due = (interval and step % interval == 0) or (step == cfg.train.steps and cfg.checkpoint.save_final) or stop
+            if due:
+                path = ckpt.save(step, model, optimizer, scheduler, consumed, {"data": data_meta}, fault_hook=faults)
+                log.info(f"checkpoint {path}")
+                faults("after_save", step)
+            if stop:
+                log.info(f"{preempt.signal_name or 'signal'} received: checkpointed at step {step}; exiting")
+                break
+    finally:
+        preempt.restore()
+        log.close()
+    if records:
+        log.info(f"done: step {step}/{cfg.train.steps}, final loss {records[-1]['loss']:.4f}")
     return records

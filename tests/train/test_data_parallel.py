@@ -31,18 +31,22 @@ def _overrides(store, tmp_path, name, mode="pack"):
     ]
 
 
-@pytest.mark.parametrize("mode", ["pack", "concat_chunk"])
-def test_dp2_matches_single_process(dist_pool, small_store, tmp_path, mode):
-    single = dist_pool(1).run(_train, _overrides(small_store, tmp_path, "dp1", mode))[0]
-    dp2 = dist_pool(2).run(_train, _overrides(small_store, tmp_path, "dp2", mode))
-    assert dp2[0] == dp2[1]  # every rank reports the same global values
-    assert [r[2:] for r in dp2[0]] == [r[2:] for r in single]  # same tokens and targets
-    for (loss2, gn2, *_), (loss1, gn1, *_) in zip(dp2[0], single):
-        assert loss2 == pytest.approx(loss1, rel=1e-5)
-        assert gn2 == pytest.approx(gn1, rel=1e-4)
+@pytest.mark.parametrize(
+    "mode,world,fsdp",
+    [("pack", 2, False), ("pack", 2, True), ("pack", 4, True), ("concat_chunk", 2, True)],
+)
+def test_data_parallel_matches_single_process(dist_pool, small_store, tmp_path, mode, world, fsdp):
+    # The reference is one process without FSDP: both sharding and replication must reproduce it.
+    single = dist_pool(1).run(_train, _overrides(small_store, tmp_path, "one", mode) + ["parallel.fsdp=false"])[0]
+    multi = dist_pool(world).run(_train, _overrides(small_store, tmp_path, "multi", mode) + [f"parallel.fsdp={fsdp}"])
+    assert all(m == multi[0] for m in multi)  # every rank reports the same global values
+    assert [r[2:] for r in multi[0]] == [r[2:] for r in single]  # same tokens and targets
+    for (loss_m, gn_m, *_), (loss_1, gn_1, *_) in zip(multi[0], single):
+        assert loss_m == pytest.approx(loss_1, rel=1e-5)
+        assert gn_m == pytest.approx(gn_1, rel=1e-4)
     assert single[-1][0] < single[0][0]  # it learns
-    assert (tmp_path / "dp2" / "metrics.jsonl").read_text().count("\n") == 3
-    assert (tmp_path / "dp2" / "config.yaml").exists()
+    assert (tmp_path / "multi" / "metrics.jsonl").read_text().count("\n") == 3
+    assert (tmp_path / "multi" / "config.yaml").exists()
 
 
 def test_batch_that_does_not_split_over_dp(dist_pool, small_store, tmp_path):

@@ -1,0 +1,283 @@
+"""Validate a run's layout for N ranks and describe it, without starting anything (pure).
+
+    seqpar train configs/llama-1b-128k.yaml --dry-run --world-size 8
+    print(dry_run_report(load_config("configs/llama-1b-128k.yaml"), world_size=8))
+
+No process group, no data loading, no corpus build: the model is built on the meta device to
+count parameters, and the vocabulary comes from the config or the tokenizer. Errors are the ones
+the trainer would raise at start-up (ParallelDimsError, ConfigError), one line each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from seqpar.config import Config, ConfigError, DataConfig, ModelConfig
+from seqpar.hardware import HardwareProfile, load_profile, peak_flops
+from seqpar.model.flops import flops_per_token
+from seqpar.parallel.dims import ParallelDims
+
+#: Ranks up to which the report lists every rank's coordinates and groups.
+_LIST_RANKS_UP_TO = 16
+_GIB = 2**30
+
+
+def check_sp_heads(model_cfg: ModelConfig, ulysses: int) -> None:
+    """Head rules of Ulysses (specs/sequence-parallel.md), raised as one-line ConfigErrors.
+
+    Query heads are split over the ulysses ranks, so n_heads % ulysses == 0. KV heads are either
+    split (n_kv_heads % ulysses == 0) or replicated inside the exchange (ulysses % n_kv_heads == 0).
+    """
+    h, h_kv = model_cfg.n_heads, model_cfg.n_kv_heads
+    if h % ulysses != 0:
+        raise ConfigError(
+            f"model.n_heads={h} is not divisible by parallel.ulysses={ulysses}: Ulysses splits query heads "
+            f"over its ranks; choose parallel.ulysses dividing {h} (and put the rest of sp in parallel.ring)"
+        )
+    if h_kv % ulysses != 0 and ulysses % h_kv != 0:
+        raise ConfigError(
+            f"model.n_kv_heads={h_kv} and parallel.ulysses={ulysses} do not fit: Ulysses needs n_kv_heads to be a "
+            f"multiple of ulysses (KV heads split) or a divisor of it (KV heads replicated); change one of them"
+        )
+
+
+def micro_batches_per_rank(data_cfg: DataConfig, dp: int) -> int:
+    """Streams (micro-batches) each dp rank runs per optimizer step; ConfigError when they do not split."""
+    streams = data_cfg.streams_per_step
+    if streams % dp != 0:
+        raise ConfigError(
+            f"data.tokens_per_step={data_cfg.tokens_per_step} holds {streams} streams of "
+            f"data.seq_len={data_cfg.seq_len}, which does not split over dp={dp} ranks; "
+            f"make data.tokens_per_step a multiple of {data_cfg.seq_len * dp}"
+        )
+    return streams // dp
+
+
+def resolve_vocab_size(cfg: Config) -> tuple[int, str]:
+    """(vocab_size, where it came from). 0 in the config means the tokenizer's, rounded up to 64 as
+    the trainer does (a store's metadata, read only at launch, may name another tokenizer)."""
+    if cfg.model.vocab_size > 0:
+        return cfg.model.vocab_size, "model.vocab_size"
+    from seqpar.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    return 64 * ((tok.vocab_size + 63) // 64), f"tokenizer {cfg.data.tokenizer!r} ({tok.vocab_size}) rounded up to 64"
+
+
+def _no_attention(q, k, v, ctx):  # the meta model is never run
+    raise RuntimeError("the dry-run model has no attention")
+
+
+def count_params(model_cfg: ModelConfig) -> tuple[int, int]:
+    """(total parameters, parameters of one transformer block), tied weights counted once.
+
+    Built on the meta device: shapes only, no memory, no initialisation cost.
+    """
+    from seqpar.model.llama import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_cfg, attention=_no_attention)
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    return model.num_params(), block
+
+
+@dataclass
+class DryRunPlan:
+    """Everything the report prints, as numbers (tests and tools read these)."""
+
+    dims: ParallelDims
+    seq_len: int
+    tokens_per_step: int
+    streams_per_step: int
+    micro_batches_per_rank: int
+    tokens_per_rank: float  # seq_len / sp; not an integer when shards are uneven
+    vocab_size: int
+    vocab_source: str
+    num_params: int
+    block_params: int
+    state_shards: int  # dp x sp with FSDP, 1 when replicated
+    param_bytes: float  # per rank, fp32 master weights
+    grad_bytes: float  # per rank, fp32
+    optim_bytes: float  # per rank, AdamW exp_avg + exp_avg_sq in fp32
+    bf16_copy_bytes: float | None  # bf16 compute copies on CUDA, None when the run is fp32
+    flops_per_token: float
+    flops_per_step: float
+    profile: HardwareProfile | None
+
+    @property
+    def state_bytes(self) -> float:
+        return self.param_bytes + self.grad_bytes + self.optim_bytes
+
+
+def plan_dry_run(cfg: Config, world_size: int) -> DryRunPlan:
+    """Validate ``cfg`` for ``world_size`` ranks and compute the plan (pure; raises on bad layouts)."""
+    p = cfg.parallel
+    dims = ParallelDims(p.dp, p.sp, p.ulysses, p.ring, world_size)
+    check_sp_heads(cfg.model, dims.ulysses)
+    mb = micro_batches_per_rank(cfg.data, dims.dp)
+    vocab, vocab_source = resolve_vocab_size(cfg)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+    n, block = count_params(model_cfg)
+    shards = dims.dp * dims.sp if p.fsdp else 1
+    # bf16 copies exist when autocast runs in bf16: train.dtype bf16, or auto on CUDA.
+    bf16 = None
+    if cfg.train.dtype in ("bf16", "auto"):
+        # Replicated: autocast keeps a bf16 copy of every weight during the forward. FSDP gathers
+        # block by block: about two blocks in flight (prefetch) plus embeddings and head.
+        bf16 = 2.0 * ((n - (model_cfg.n_layers - 2) * block) if p.fsdp and model_cfg.n_layers > 2 else n)
+    fpt = flops_per_token(model_cfg, [cfg.data.seq_len], causal=True)
+    profile = None if cfg.cluster.profile == "auto" else load_profile(cfg.cluster.profile)
+    return DryRunPlan(
+        dims=dims,
+        seq_len=cfg.data.seq_len,
+        tokens_per_step=cfg.data.tokens_per_step,
+        streams_per_step=cfg.data.streams_per_step,
+        micro_batches_per_rank=mb,
+        tokens_per_rank=cfg.data.seq_len / dims.sp,
+        vocab_size=vocab,
+        vocab_source=vocab_source,
+        num_params=n,
+        block_params=block,
+        state_shards=shards,
+        param_bytes=4.0 * n / shards,
+        grad_bytes=4.0 * n / shards,
+        optim_bytes=8.0 * n / shards,
+        bf16_copy_bytes=bf16,
+        flops_per_token=fpt,
+        flops_per_step=fpt * cfg.data.tokens_per_step,
+        profile=profile,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting.
+
+
+def _groups(dims: ParallelDims, axis: str) -> list[list[int]]:
+    """Rank lists of the groups along one mesh axis ("ulysses", "ring", "sp" or "dp")."""
+    others = [a for a in ("dp", "ring", "ulysses") if a != axis and not (axis == "sp" and a in ("ring", "ulysses"))]
+    found: dict[tuple, list[int]] = {}
+    for r in range(dims.world_size):
+        c = dims.coordinates(r)
+        found.setdefault(tuple(c[a] for a in others), []).append(r)
+    return list(found.values())
+
+
+def _fmt_groups(groups: list[list[int]]) -> str:
+    return " ".join("[" + ",".join(map(str, g)) + "]" for g in groups)
+
+
+def _mesh_lines(dims: ParallelDims) -> list[str]:
+    lines = [f"mesh      {dims.describe()}; ranks laid out dp x ring x ulysses (outermost first)"]
+    u, sp = dims.ulysses, dims.sp
+    if dims.world_size <= _LIST_RANKS_UP_TO:
+        lines.append("          rank  dp  sp  ring  ulysses")
+        for r in range(dims.world_size):
+            c = dims.coordinates(r)
+            lines.append(f"          {r:>4}  {c['dp']:>2}  {c['sp']:>2}  {c['ring']:>4}  {c['ulysses']:>7}")
+        for axis in ("ulysses", "ring", "dp"):
+            lines.append(f"          {axis + ' groups':<15} {_fmt_groups(_groups(dims, axis))}")
+    else:
+        lines.append(f"          ulysses groups: {_stride_text(u, 1)}; keep each inside one node (NVLink)")
+        lines.append(f"          ring groups:    {_stride_text(dims.ring, u)}")
+        lines.append(f"          dp groups:      {_stride_text(dims.dp, sp)}")
+        for r in (0, dims.world_size - 1):
+            c = dims.coordinates(r)
+            lines.append(f"          rank {r}: dp {c['dp']}, sp {c['sp']} (ring {c['ring']}, ulysses {c['ulysses']})")
+    return lines
+
+
+def _stride_text(size: int, stride: int) -> str:
+    if size == 1:
+        return "1 rank each (degree 1: no communication)"
+    members = ", ".join(str(i * stride) for i in range(min(size, 3))) + (", ..." if size > 3 else "")
+    kind = "adjacent ranks" if stride == 1 else f"ranks strided by {stride}"
+    return f"{size} {kind} (the first: {members})"
+
+
+def _fmt_bytes(x: float) -> str:
+    return f"{x / _GIB:8.2f} GiB" if x >= 0.1 * _GIB else f"{x / 2**20:8.2f} MiB"
+
+
+def _count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.2f} {unit}"
+
+
+def format_report(plan: DryRunPlan, cfg: Config) -> str:
+    """The human-readable report of a plan."""
+    d = plan.dims
+    lines = _mesh_lines(d)
+    if plan.seq_len % d.sp == 0:
+        per_rank = f"{int(plan.tokens_per_rank):,} tokens per rank (seq_len / sp)"
+    else:
+        per_rank = (
+            f"{plan.tokens_per_rank:,.1f} tokens per rank on average: seq_len {plan.seq_len:,} is not divisible by "
+            f"sp {d.sp}, so shards are uneven by design (no padding)"
+        )
+    lines.append(f"tokens    {plan.seq_len:,} per micro-batch stream (data.seq_len); {per_rank}")
+    lines.append(
+        f"batch     {plan.tokens_per_step:,} tokens per step = {plan.streams_per_step} streams over dp {d.dp}: "
+        f"{plan.micro_batches_per_rank} micro-batches per rank per step"
+    )
+    m = cfg.model
+    tied = "tied" if m.tie_embeddings else "untied"
+    lines.append(
+        f"model     {_count(plan.num_params)} params ({plan.num_params:,}): {m.n_layers} layers, dim {m.dim}, "
+        f"heads {m.n_heads} / kv {m.n_kv_heads}, ffn {m.ffn_dim}, vocab {plan.vocab_size:,} ({plan.vocab_source}), "
+        f"{tied} embeddings"
+    )
+    lines.append(
+        f"flops     {_si(plan.flops_per_token, 'FLOP')} per token (training, causal, one document of seq_len: an upper "
+        f"bound for packed shorter documents); {_si(plan.flops_per_step, 'FLOP')} per step"
+    )
+    how = f"FSDP-sharded over dp x sp = {plan.state_shards}" if cfg.parallel.fsdp else "replicated (parallel.fsdp=false)"
+    lines.append(f"memory    per rank, {how}:")
+    for label, value in (
+        ("parameters (fp32 master)", plan.param_bytes),
+        ("gradients (fp32)", plan.grad_bytes),
+        ("AdamW state (2 x fp32)", plan.optim_bytes),
+        ("total", plan.state_bytes),
+    ):
+        lines.append(f"          {label:<26} {_fmt_bytes(value)}")
+    if plan.bf16_copy_bytes is not None:
+        where = "FSDP: ~2 gathered blocks + embeddings/head" if cfg.parallel.fsdp else "whole model, autocast cache"
+        when = "CUDA runs" if cfg.train.dtype == "auto" else "train.dtype=bf16"
+        lines.append(f"          {'bf16 compute copies':<26} {_fmt_bytes(plan.bf16_copy_bytes)}  ({when}; {where}; not in total)")
+    lines.append("          activations are not estimated here")
+    prof = plan.profile
+    if prof is None:
+        lines.append("profile   cluster.profile=auto: detected on the devices at launch")
+    else:
+        peak = peak_flops(prof, "bf16" if cfg.train.dtype != "fp32" else "fp32")
+        mem = "unknown" if prof.device_memory_gib is None else f"{prof.device_memory_gib:g} GiB"
+        desc = f"profile   {prof.name}: device memory {mem}"
+        if peak is None:
+            desc += "; peak FLOP/s unknown, so MFU will print n/a"
+        else:
+            ideal = plan.flops_per_step / (peak * d.world_size)
+            desc += f"; step time at 100% MFU {ideal:.2f} s"
+        lines.append(desc)
+        if prof.device_memory_gib is not None and plan.state_bytes / _GIB > prof.device_memory_gib:
+            lines.append(f"WARNING   model state alone ({plan.state_bytes / _GIB:.1f} GiB) exceeds device memory; set parallel.fsdp=true or use more ranks")
+    return "\n".join(lines)
+
+
+def dry_run_report(cfg: Config, world_size: int) -> str:
+    """Validate ``cfg`` for ``world_size`` ranks and return the multi-line report (pure).
+
+    Raises ParallelDimsError / ConfigError (one line each) for layouts the trainer would refuse.
+    """
+    return format_report(plan_dry_run(cfg, world_size), cfg)
