@@ -35,20 +35,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        nproc = args.nproc or _default_nproc(cfg)
+        if args.nnodes < 1:
+            raise ValueError(f"--nnodes={args.nnodes} must be >= 1")
+        if args.nnodes > 1 and not args.rdzv_endpoint:
+            raise ValueError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        nproc = args.nproc or max(1, _default_nproc(cfg) // args.nnodes)
+        world = nproc * args.nnodes
         if args.dry_run:
             from seqpar.train.dry_run import dry_run_report
 
-            # The world may span nodes (--world-size 16 with --nproc 8), so only it is checked.
-            report = dry_run_report(cfg, args.world_size or nproc)
+            report = dry_run_report(cfg, args.world_size or world)
         else:
-            ParallelDims(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ulysses, cfg.parallel.ring, nproc)
+            ParallelDims(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ulysses, cfg.parallel.ring, world)
+        cmd = torchrun_cmd(
+            args.config, args.overrides, nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id
+        )
     except (ConfigError, ParallelDimsError, ValueError) as e:
         return _error(str(e))
     if args.dry_run:
         print(report, flush=True)
         return 0
-    cmd = torchrun_cmd(args.config, args.overrides, nproc)
     print(format_cmd(cmd), flush=True)
     if args.print_cmd:
         return 0
@@ -88,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.dp=2")
     p.add_argument("--nproc", type=int, default=0, help="processes on this node (default: dp x sp from the config, else GPUs or 1)")
     p.add_argument("--print-cmd", action="store_true", help="print the torchrun command and exit")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node run (run the same command on each)")
+    p.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the c10d rendezvous (multi-node), e.g. node0:29400")
+    p.add_argument("--rdzv-id", default="seqpar", help="rendezvous id shared by the nodes of one job")
     p.add_argument("--dry-run", action="store_true", help="validate the layout, print mesh, batch, model and memory, launch nothing")
     p.add_argument("--world-size", type=int, default=0, help="ranks for --dry-run (default: --nproc, else as for launching)")
     p.set_defaults(func=cmd_train)

@@ -192,6 +192,11 @@ def train(cfg: Config) -> list[dict]:
         f"({profile.name if profile else 'unknown hardware'}, {str(dtype).replace('torch.', '')})"
     )
 
+    if start_step >= cfg.train.steps:
+        log.info(
+            f"nothing to do: {run_dir} already holds step {start_step} of train.steps={cfg.train.steps}; "
+            "raise train.steps to continue, or pick a new run.name / run.output_dir for a fresh run"
+        )
     preempt = PreemptionFlag()
     records: list[dict] = []
     per_rank = cfg.data.streams_per_step // dims.dp

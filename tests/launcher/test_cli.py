@@ -28,6 +28,16 @@ def test_print_cmd_builds_torchrun():
     assert "-m torch.distributed.run --standalone --nproc_per_node=2 -m seqpar.train --config configs/tiny-cpu.yaml train.steps=5" in cmd
 
 
+def test_multi_node_command_uses_c10d_rendezvous():
+    p = seqpar("train", "configs/tiny-cpu.yaml", "--nnodes", "2", "--nproc", "2", "--rdzv-endpoint", "node0:29400", "--print-cmd")
+    assert p.returncode == 0, p.stderr
+    assert "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=node0:29400 --rdzv-id=seqpar --nproc_per_node=2" in p.stdout
+    assert "--standalone" not in p.stdout
+    assert "needs --rdzv-endpoint" in one_error_line(seqpar("train", "configs/tiny-cpu.yaml", "--nnodes", "2", "--print-cmd"))
+    line = one_error_line(seqpar("train", "configs/tiny-cpu.yaml", "parallel.dp=2", "--nnodes", "2", "--nproc", "2", "--rdzv-endpoint", "h:1", "--print-cmd"))
+    assert "must equal the world size 4" in line
+
+
 def test_config_errors_are_one_line():
     assert "did you mean 'train.steps'" in one_error_line(seqpar("train", "configs/tiny-cpu.yaml", "train.step=5", "--print-cmd"))
     line = one_error_line(seqpar("train", "configs/tiny-cpu.yaml", "parallel.dp=2", "--nproc", "3", "--print-cmd"))
@@ -91,6 +101,8 @@ def test_train_end_to_end_two_ranks(tmp_path, small_store):
     assert p.returncode == 0, p.stdout + p.stderr
     steps = [ln for ln in p.stdout.splitlines() if ln.startswith("step ")]
     assert len(steps) == 3 and "tok/s" in steps[0] and "loss" in steps[0] and "eta" in steps[0]
+    assert "mfu n/a" in steps[0] and "tflops" in steps[0]  # no known peak for a CPU: never a made-up MFU
+    assert "peak n/a" in p.stdout
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("loss", "tokens", "tokens_per_s", "grad_norm", "lr"):

@@ -85,3 +85,18 @@ def test_megatron_built_store_trains(dist_pool, tmp_path):
     records = dist_pool(1).run(_train, base + ["model.vocab_size=1024"])[0]
     assert len(records) == 3 and all(400 < r[2] <= 512 for r in records)  # best-fit packing fills ~99%
     assert all(math.isfinite(r[0]) for r in records)
+
+
+def _records(overrides):
+    from seqpar.train.trainer import train
+
+    return train(load_config(None, overrides))
+
+
+def test_mfu_from_known_profile_and_none_on_cpu(dist_pool, small_store, tmp_path):
+    base = _overrides(small_store, tmp_path, "mfu") + ["train.steps=1"]
+    known = dist_pool(1).run(_records, base + ["cluster.profile=H100-SXM", f"run.output_dir={tmp_path}/h100"])[0][0]
+    # fp32 on CPU compares against the profile's fp32 peak: 66.9 TFLOP/s for an H100-SXM.
+    assert known["mfu"] == pytest.approx(known["tflops_per_s"] / 66.9, rel=1e-9)
+    cpu = dist_pool(1).run(_records, base + [f"run.output_dir={tmp_path}/cpu"])[0][0]
+    assert cpu["mfu"] is None and cpu["tflops_per_s"] > 0
