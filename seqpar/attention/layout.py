@@ -1,0 +1,158 @@
+"""Sharding a packed stream over the ranks of a sequence-parallel group (pure, no processes).
+
+A layout is, for every rank of the group, the sorted global indices of the tokens it holds.
+Tokens, labels, positions and document ids are sharded together by indexing with them, and
+because a layout is derived only from the global ``cu_seqlens``, every rank can compute every
+other rank's document ids and positions without receiving them.
+
+- contiguous: rank r holds [r*T/P, (r+1)*T/P) (sizes differ by at most one).
+- zigzag (per document): a document of length L >= 2P is cut into 2P chunks and rank r takes
+  chunks r and 2P-1-r, which balances causal work. Chunk sizes differ by at most one token and
+  the chunks that get the extra tokens rotate from document to document. Shorter documents go
+  whole to the rank with the least causal work so far. A rank may hold zero tokens.
+- hybrid: zigzag over the ring degree, then contiguous inside each Ulysses group; SP rank
+  ``ring_index * ulysses + ulysses_index`` (Ulysses ranks adjacent, as in the mesh).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Global token indices per rank. ``indices[r]``: int64 [tokens of rank r], ascending."""
+
+    kind: str
+    indices: tuple[np.ndarray, ...]
+    total: int
+
+    @property
+    def world(self) -> int:
+        return len(self.indices)
+
+    def counts(self) -> list[int]:
+        return [int(ix.size) for ix in self.indices]
+
+    def shard(self, x: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rows of the global tensor x ([T, ...]) that ``rank`` holds."""
+        if x.shape[0] != self.total:
+            raise ValueError(f"layout was built for {self.total} tokens, tensor has {x.shape[0]}")
+        return x[torch.as_tensor(self.indices[rank], device=x.device)]
+
+    def unshard(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`shard` over all ranks: [T, ...] from per-rank [T_r, ...]."""
+        if len(shards) != self.world:
+            raise ValueError(f"unshard needs {self.world} shards, got {len(shards)}")
+        ref = shards[0]
+        out = ref.new_empty((self.total, *ref.shape[1:]))
+        for ix, s in zip(self.indices, shards):
+            out[torch.as_tensor(ix, device=out.device)] = s
+        return out
+
+    def concat(self, ranks: Sequence[int]) -> np.ndarray:
+        """Global indices of the listed ranks' tokens, concatenated in that order."""
+        return np.concatenate([self.indices[r] for r in ranks]) if ranks else np.zeros(0, np.int64)
+
+
+def _check(cu_seqlens: np.ndarray, world: int) -> np.ndarray:
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    if cu.ndim != 1 or cu.size < 1 or cu[0] != 0 or np.any(np.diff(cu) < 0):
+        raise ValueError("cu_seqlens must be 1-D, start at 0 and be non-decreasing")
+    if world < 1:
+        raise ValueError(f"world size {world} must be >= 1")
+    return cu
+
+
+def contiguous_layout(total_tokens: int, world: int) -> Layout:
+    """Rank r holds one contiguous run; the first ``T % P`` ranks hold one extra token."""
+    base, rem = divmod(total_tokens, world)
+    sizes = [base + (1 if r < rem else 0) for r in range(world)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return Layout("contiguous", tuple(np.arange(starts[r], starts[r + 1], dtype=np.int64) for r in range(world)), total_tokens)
+
+
+def _causal_pairs(a: int, b: int) -> int:
+    """Visible (query, key) pairs of positions [a, b) of one document under causal attention."""
+    return (b * (b + 1) - a * (a + 1)) // 2
+
+
+def zigzag_layout(cu_seqlens: np.ndarray, world: int, min_doc_len: int | None = None) -> Layout:
+    """Per-document zigzag sharding; documents shorter than ``min_doc_len`` (default 2P) go whole."""
+    cu = _check(cu_seqlens, world)
+    threshold = max(2 * world, min_doc_len or 0)
+    n_chunks = 2 * world
+    parts: list[list[np.ndarray]] = [[] for _ in range(world)]
+    work = np.zeros(world, dtype=np.float64)
+    rotate = 0
+    for d in range(cu.size - 1):
+        start, end = int(cu[d]), int(cu[d + 1])
+        length = end - start
+        if length == 0:
+            continue
+        if length < threshold:
+            # Ties go to the rank holding fewer tokens, then the lowest rank: deterministic.
+            tokens = np.array([sum(p.size for p in parts[r]) for r in range(world)])
+            r = int(np.lexsort((np.arange(world), tokens, work))[0])
+            parts[r].append(np.arange(start, end, dtype=np.int64))
+            work[r] += _causal_pairs(0, length)
+            continue
+        base, rem = divmod(length, n_chunks)
+        # Chunk c gets an extra token when it is among the `rem` chunks after the rotation point.
+        extra = ((np.arange(n_chunks) - rotate) % n_chunks) < rem
+        rotate = (rotate + rem) % n_chunks
+        sizes = base + extra.astype(np.int64)
+        offs = np.concatenate([[0], np.cumsum(sizes)])
+        for r in range(world):
+            for c in (r, n_chunks - 1 - r):
+                a, b = int(offs[c]), int(offs[c + 1])
+                parts[r].append(np.arange(start + a, start + b, dtype=np.int64))
+                work[r] += _causal_pairs(a, b)
+    indices = tuple(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts)
+    return Layout("zigzag", indices, int(cu[-1]))
+
+
+def hybrid_layout(cu_seqlens: np.ndarray, ulysses: int, ring: int, ring_layout: str = "zigzag") -> Layout:
+    """Zigzag (or contiguous) over ``ring``, then contiguous inside each Ulysses group of ``ulysses``."""
+    cu = _check(cu_seqlens, ulysses * ring)
+    outer = zigzag_layout(cu, ring) if ring_layout == "zigzag" else contiguous_layout(int(cu[-1]), ring)
+    indices = []
+    for r in range(ring):
+        block = outer.indices[r]
+        inner = contiguous_layout(block.size, ulysses)
+        indices.extend(block[ix] for ix in inner.indices)
+    return Layout(f"hybrid-{ring_layout}", tuple(indices), int(cu[-1]))
+
+
+def build_layout(cu_seqlens: np.ndarray, kind: str, ulysses: int = 1, ring: int = 1) -> Layout:
+    """The layout of one stream for an SP group of ``ulysses x ring`` ranks.
+
+    kind: "zigzag" or "contiguous". With both degrees > 1 it is the hybrid layout whose ring
+    dimension uses ``kind``; with one degree it is ``kind`` over all ranks.
+    """
+    if kind not in LAYOUTS:
+        raise ValueError(f"parallel.layout={kind!r} is not allowed; choose one of {', '.join(map(repr, LAYOUTS))}")
+    cu = _check(cu_seqlens, ulysses * ring)
+    if ulysses > 1 and ring > 1:
+        return hybrid_layout(cu, ulysses, ring, kind)
+    world = ulysses * ring
+    return zigzag_layout(cu, world) if kind == "zigzag" else contiguous_layout(int(cu[-1]), world)
+
+
+def causal_work(layout: Layout, cu_seqlens: np.ndarray, rank: int, causal: bool = True) -> int:
+    """Visible (query, key) pairs whose query is on ``rank`` (keys anywhere): the rank's attention work."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    ix = layout.indices[rank]
+    if ix.size == 0:
+        return 0
+    doc = np.searchsorted(cu, ix, side="right") - 1
+    pos = ix - cu[doc]
+    if causal:
+        return int((pos + 1).sum())
+    return int((cu[doc + 1] - cu[doc]).sum())
