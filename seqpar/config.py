@@ -117,6 +117,8 @@ class ParallelConfig:
     sp: int = 1
     ulysses: int = 1
     ring: int = 1
+    algorithm: str = "auto"  # ring | ulysses | hybrid; auto picks from the degrees
+    layout: str = "auto"  # zigzag | contiguous; auto: contiguous for ulysses, zigzag for ring and hybrid
     fsdp: bool = True  # shard parameters, gradients and optimizer state over dp x sp; false replicates
     timeout_s: float = 600.0  # collective timeout: a dead rank fails the job instead of hanging it
 
@@ -129,6 +131,23 @@ class ParallelConfig:
             self.sp == self.ulysses * self.ring,
             f"parallel.sp={self.sp} must equal parallel.ulysses({self.ulysses}) x parallel.ring({self.ring}) = {self.ulysses * self.ring}",
         )
+        _choice("parallel.algorithm", self.algorithm, ("auto", "ring", "ulysses", "hybrid"))
+        _choice("parallel.layout", self.layout, ("auto", "zigzag", "contiguous"))
+        if self.algorithm == "auto":
+            self.algorithm = "hybrid" if self.ulysses > 1 and self.ring > 1 else "ulysses" if self.ulysses > 1 else "ring"
+        rule = {
+            "ring": (self.ulysses == 1, "parallel.ulysses=1 (all of sp on the ring)"),
+            "ulysses": (self.ring == 1, "parallel.ring=1 (all of sp in the all-to-all)"),
+            "hybrid": (self.ulysses > 1 and self.ring > 1, "parallel.ulysses > 1 and parallel.ring > 1"),
+        }
+        ok, need = rule[self.algorithm]
+        _check(
+            ok,
+            f"parallel.algorithm={self.algorithm} does not agree with ulysses={self.ulysses}, ring={self.ring}: it needs {need}; "
+            "fix the degrees or the algorithm (or use algorithm=auto)",
+        )
+        if self.layout == "auto":
+            self.layout = "contiguous" if self.algorithm == "ulysses" else "zigzag"
 
 
 @dataclass

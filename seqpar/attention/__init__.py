@@ -7,17 +7,22 @@ import torch
 from seqpar.attention.context import AttentionFn, AttnContext
 
 
-def build_attention(kernel: str, device: torch.device, sp: int = 1) -> AttentionFn:
+def build_attention(kernel: str, device: torch.device, algorithm: str = "ring", groups=None) -> AttentionFn:
     """Pick the attention implementation from config (the layer code never changes).
 
-    kernel: ``kernels.attention`` (auto | triton | reference); sp: sequence-parallel degree.
+    kernel: ``kernels.attention`` (auto | triton | reference); algorithm: ``parallel.algorithm``;
+    groups: the run's seqpar.parallel Groups, or None for single-device attention. With an SP
+    degree of 1 the local kernel runs directly.
     """
     from seqpar.attention.local import LocalAttention
     from seqpar.kernels.dispatch import resolve_impl
 
-    if sp != 1:
-        raise NotImplementedError(f"parallel.sp={sp}: sequence-parallel attention is not available yet; use parallel.sp=1")
-    return LocalAttention(resolve_impl(kernel, device))
+    impl = resolve_impl(kernel, device)
+    if groups is None or groups.dims.sp == 1:
+        return LocalAttention(impl)
+    from seqpar.attention.sp import SequenceParallelAttention
+
+    return SequenceParallelAttention(algorithm, groups, impl)
 
 
 __all__ = ["AttnContext", "AttentionFn", "build_attention"]

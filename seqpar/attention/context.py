@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -14,12 +14,14 @@ class AttnContext:
 
     positions: [T_local] int32, position of each token inside its document (global stream);
     doc_ids: [T_local] int32, document index of each token in the global stream;
-    cu_seqlens: [docs + 1] int32, the global stream's documents (identical on every SP rank).
+    cu_seqlens: [docs + 1] int32, the global stream's documents (identical on every SP rank);
+    stream: under SP, the layout and the document ids / positions of every rank's shard.
     """
 
     positions: torch.Tensor
     doc_ids: torch.Tensor
     cu_seqlens: torch.Tensor
+    stream: Any = None  # seqpar.attention.meta.StreamMeta under sequence parallelism: every rank's metadata
 
 
 class AttentionFn(Protocol):

@@ -61,3 +61,27 @@ def make_microbatch(tokens: np.ndarray, cu_seqlens: np.ndarray, device: torch.de
         labels=torch.as_tensor(labels).to(device),
         ctx=AttnContext(positions=positions.to(device), doc_ids=doc_ids.to(device), cu_seqlens=cu.to(device)),
     )
+
+
+def shard_microbatch(mb: MicroBatch, layout: str, ulysses: int, ring: int, sp_rank: int) -> MicroBatch:
+    """This SP rank's shard of a global micro-batch: tokens, labels, positions and document ids
+    together, plus every rank's metadata for the attention (derived from cu_seqlens, not sent).
+
+    layout: "zigzag" or "contiguous" (the ring dimension's, for hybrid); sp_rank in the SP group.
+    """
+    from seqpar.attention.layout import build_layout
+    from seqpar.attention.meta import StreamMeta
+
+    cu = mb.ctx.cu_seqlens
+    lay = build_layout(cu.cpu().numpy(), layout, ulysses=ulysses, ring=ring)
+    stream = StreamMeta(cu, lay, mb.tokens.device)
+    return MicroBatch(
+        tokens=lay.shard(mb.tokens, sp_rank),
+        labels=lay.shard(mb.labels, sp_rank),
+        ctx=AttnContext(
+            positions=lay.shard(mb.ctx.positions, sp_rank),
+            doc_ids=lay.shard(mb.ctx.doc_ids, sp_rank),
+            cu_seqlens=cu,
+            stream=stream,
+        ),
+    )

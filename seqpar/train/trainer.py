@@ -26,7 +26,7 @@ from seqpar.parallel.dims import ParallelDims
 from seqpar.parallel.grad_sync import all_reduce_grads
 from seqpar.parallel.init import DistInfo, init_distributed
 from seqpar.parallel.mesh import Groups, build_groups
-from seqpar.train.batch import MicroBatch, make_microbatch
+from seqpar.train.batch import MicroBatch, make_microbatch, shard_microbatch
 from seqpar.train.checkpoint import Checkpointer
 from seqpar.train.data_setup import open_data
 from seqpar.train.dry_run import check_sp_heads, micro_batches_per_rank
@@ -55,7 +55,7 @@ def _all_reduce_sum(values: list[float], group: dist.ProcessGroup, device: torch
 def build_model(cfg: Config, info: DistInfo, groups: Groups) -> Transformer:
     """The model on this rank: FSDP-sharded over dp x sp, or replicated (identical on every rank)."""
     torch.manual_seed(cfg.run.seed)
-    attention = build_attention(cfg.kernels.attention, info.device, sp=groups.dims.sp)
+    attention = build_attention(cfg.kernels.attention, info.device, cfg.parallel.algorithm, groups)
     model = Transformer(cfg.model, attention).to(info.device)
     # Same seed gives the same init, but a broadcast makes replicas identical by construction.
     if dist.get_world_size(groups.world) > 1:
@@ -208,7 +208,10 @@ def train(cfg: Config) -> list[dict]:
             batches, doc_lengths = [], []
             for i in range(base, base + per_rank):
                 s = streams[i]
-                batches.append(make_microbatch(s.tokens, s.cu_seqlens, info.device))
+                mb = make_microbatch(s.tokens, s.cu_seqlens, info.device)
+                if dims.sp > 1:
+                    mb = shard_microbatch(mb, cfg.parallel.layout, dims.ulysses, dims.ring, groups.sp_rank)
+                batches.append(mb)
                 doc_lengths.extend(int(n) for n in (s.cu_seqlens[1:] - s.cu_seqlens[:-1]))
             loss, targets, tokens, local_ok = train_step(model, batches, groups, cfg, info.device, faults.nan_loss(step + 1))
             grad_norm = _grad_norm(model, cfg.train.grad_clip)
