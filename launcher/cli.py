@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 
@@ -61,7 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     # torchrun otherwise warns and sets 1 thread per rank; make the CPU split explicit instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    from seqpar.launcher.forward import run_forwarding_signals
+
+    return run_forwarding_signals(cmd, env)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:

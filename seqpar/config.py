@@ -31,7 +31,9 @@ def _check(cond: bool, msg: str) -> None:
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not allowed{hint}; choose one of {', '.join(map(repr, allowed))}")
 
 
 @dataclass

@@ -36,6 +36,8 @@ def test_unknown_key_names_key_and_suggests(tmp_path):
 def test_wrong_type_and_bad_choice():
     with pytest.raises(ConfigError, match=r"train.steps='many' must be an integer"):
         load_config(None, ["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"data.mode='pakc' is not allowed \(did you mean 'pack'\?\); choose one of 'concat_chunk', 'pack'"):
+        load_config(None, ["data.mode=pakc"])
     with pytest.raises(ConfigError, match=r"data.mode='chunks' is not allowed; choose one of 'concat_chunk', 'pack'"):
         load_config(None, ["data.mode=chunks"])
     with pytest.raises(ConfigError, match=r"kernels.attention='flash'.*'auto', 'triton', 'reference'"):
@@ -70,3 +72,15 @@ def test_save_config_round_trip(tmp_path):
     save_config(cfg, str(tmp_path / "config.yaml"))
     again = load_config(str(tmp_path / "config.yaml"))
     assert again == cfg
+
+
+def test_sp_algorithm_must_agree_with_degrees():
+    assert ParallelConfig(sp=4, ring=4).algorithm == "ring" and ParallelConfig(sp=4, ring=4).layout == "zigzag"
+    assert ParallelConfig(sp=4, ulysses=4).algorithm == "ulysses" and ParallelConfig(sp=4, ulysses=4).layout == "contiguous"
+    assert ParallelConfig(sp=4, ulysses=2, ring=2).algorithm == "hybrid"
+    with pytest.raises(ConfigError, match="parallel.algorithm=ring does not agree with ulysses=4, ring=1: it needs parallel.ulysses=1"):
+        ParallelConfig(sp=4, ulysses=4, algorithm="ring")
+    with pytest.raises(ConfigError, match="parallel.algorithm=hybrid does not agree"):
+        ParallelConfig(sp=4, ring=4, algorithm="hybrid")
+    with pytest.raises(ConfigError, match="parallel.layout='zig' is not allowed \\(did you mean 'zigzag'\\?\\)"):
+        ParallelConfig(sp=2, ring=2, layout="zig")

@@ -42,6 +42,15 @@ class ResumeState:
     path: str
 
 
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable: fsync the directory that holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -128,22 +137,29 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             if os.path.exists(final):  # a re-run of the same step after a resume
-                shutil.rmtree(final)
+                self._remove(final)
             os.replace(tmp, final)
+            _fsync_dir(self.dir)
             self._prune()
         self._barrier()
         return final
 
+    def _remove(self, path: str) -> None:
+        # Rename first: a half-deleted directory must never still look like a complete checkpoint.
+        doomed = os.path.join(self.dir, f".del-{os.path.basename(path)}-{os.getpid()}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
     def _prune(self) -> None:
         done = self.complete()
         for _, path in done[: max(0, len(done) - self.keep_latest)]:
-            shutil.rmtree(path, ignore_errors=True)
+            self._remove(path)
 
     def clean_partial(self) -> None:
-        """Remove leftovers of saves that never completed (rank 0 only, at start-up)."""
+        """Remove leftovers of saves or deletions that never completed (rank 0 only, at start-up)."""
         if self.rank == 0 and os.path.isdir(self.dir):
             for name in os.listdir(self.dir):
-                if name.startswith(".tmp-"):
+                if name.startswith((".tmp-", ".del-")):
                     shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
     # -- load ----------------------------------------------------------------------------

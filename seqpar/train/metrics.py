@@ -60,8 +60,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._file.close()
+        keep = []
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line cut short by a crash
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(keep)

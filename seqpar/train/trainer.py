@@ -17,9 +17,10 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from seqpar.attention import build_attention
-from seqpar.config import Config, save_config
+from seqpar.config import Config, ConfigError, save_config
 from seqpar.model.flops import train_flops
 from seqpar.model.llama import Transformer, token_loss_sum
 from seqpar.parallel.dims import ParallelDims
@@ -55,7 +56,10 @@ def _all_reduce_sum(values: list[float], group: dist.ProcessGroup, device: torch
 def build_model(cfg: Config, info: DistInfo, groups: Groups) -> Transformer:
     """The model on this rank: FSDP-sharded over dp x sp, or replicated (identical on every rank)."""
     torch.manual_seed(cfg.run.seed)
-    attention = build_attention(cfg.kernels.attention, info.device, cfg.parallel.algorithm, groups)
+    try:
+        attention = build_attention(cfg.kernels.attention, info.device, cfg.parallel.algorithm, groups)
+    except (NotImplementedError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     model = Transformer(cfg.model, attention).to(info.device)
     # Same seed gives the same init, but a broadcast makes replicas identical by construction.
     if dist.get_world_size(groups.world) > 1:
@@ -124,6 +128,15 @@ def _bad_ranks(local_ok: bool, group: dist.ProcessGroup, device: torch.device) -
     return [r for r, f in enumerate(flags.tolist()) if f > 0]
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    failures = getattr(e, "failures", None)
+    if failures:  # DCP's CheckpointException: {rank: (exception, traceback)}
+        first = next(iter(failures.values()))
+        text = str(first[0] if isinstance(first, tuple) else first)
+    return (text.splitlines() or ["unknown error"])[0][:240]
+
+
 def _data_meta(cfg: Config, prefix: str) -> dict:
     d = cfg.data
     return {"path": prefix, "mode": d.mode, "seq_len": d.seq_len, "doc_mask": d.doc_mask, "seed": cfg.run.seed}
@@ -141,9 +154,6 @@ def train(cfg: Config) -> list[dict]:
 
     store, source = open_data(cfg, info.local_rank)
     cfg.model.vocab_size = source.vocab_size
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
     from seqpar.data.streams import PackedStreams
     from seqpar.hardware import format_mfu, peak_flops, resolve_profile
@@ -157,20 +167,30 @@ def train(cfg: Config) -> list[dict]:
     faults = Faults(info.rank)
     data_meta = _data_meta(cfg, source.prefix)
 
-    log = MetricsLogger(run_dir, cfg.train.steps, enabled=is_main, tensorboard=cfg.logging.tensorboard)
     start_step, consumed = 0, 0
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    latest = ckpt.latest()
+    if latest and not cfg.checkpoint.resume:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints (newest {latest}) and checkpoint.resume=false; "
+            "pick a new run.output_dir for a fresh run, or delete that directory"
+        )
+    log = MetricsLogger(run_dir, cfg.train.steps, enabled=is_main, tensorboard=cfg.logging.tensorboard)
     if latest:
         try:
             state = ckpt.load(latest, model, optimizer)
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, dcp.api.CheckpointException) as e:
+            log.close()
             raise TrainingError(
-                f"checkpoint {latest} does not fit this run ({str(e).splitlines()[0][:200]}); "
-                "use a new run.output_dir or set checkpoint.resume=false"
+                f"checkpoint {latest} does not fit this run ({_first_line(e)}); "
+                "use the config it was written with (saved in its meta.json), a new run.output_dir, or delete it"
             ) from None
         scheduler.load_state_dict(state.scheduler)
         start_step, consumed = state.step, state.streams_consumed
-        log.truncate_after(start_step)
+    # Records past the resumed step (or of a run that died before its first checkpoint) are redone.
+    log.truncate_after(start_step)
+    if is_main:
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    if latest:
         log.info(f"resumed from {latest} (step {start_step}, saved on {state.meta.get('world_size')} ranks)")
         if state.meta.get("data") != data_meta:
             log.info(
@@ -179,7 +199,10 @@ def train(cfg: Config) -> list[dict]:
             )
 
     dtype = _compute_dtype(cfg, info.device)
-    profile = resolve_profile(cfg.cluster.profile, info.device)
+    try:
+        profile = resolve_profile(cfg.cluster.profile, info.device)
+    except ValueError as e:
+        raise ConfigError(f"cluster.profile={cfg.cluster.profile!r}: {e}") from None
     peak = peak_flops(profile, "bf16" if dtype == torch.bfloat16 else "fp32")
     log.info(f"seqpar | {dims.describe()} | backend {info.backend} | device {info.device.type} | fsdp {'on' if cfg.parallel.fsdp else 'off'}")
     log.info(
@@ -255,7 +278,8 @@ def train(cfg: Config) -> list[dict]:
             interval = cfg.checkpoint.interval
             due = (interval and step % interval == 0) or (step == cfg.train.steps and cfg.checkpoint.save_final) or stop
             if due:
-                path = ckpt.save(step, model, optimizer, scheduler, consumed, {"data": data_meta}, fault_hook=faults)
+                meta = {"data": data_meta, "config": cfg.to_dict()}
+                path = ckpt.save(step, model, optimizer, scheduler, consumed, meta, fault_hook=faults)
                 log.info(f"checkpoint {path}")
                 faults("after_save", step)
             if stop:

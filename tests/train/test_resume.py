@@ -104,16 +104,17 @@ def _train(overrides):
 
 
 def test_checkpoint_from_dp2_resumes_on_dp1(dist_pool, small_store, tmp_path):
-    # 4 steps on dp=2 (FSDP) then 2 more on one replicated process, against the same
-    # 4 + 2 steps all on one process: resharding model and optimizer must change nothing.
-    curves = {}
-    for first_world, fsdp in ((2, "true"), (1, "false")):
-        run_dir = str(tmp_path / f"from_dp{first_world}")
-        dist_pool(first_world).run(_train, _overrides(small_store, run_dir, steps=4) + [f"parallel.fsdp={fsdp}"])
-        curves[first_world] = dist_pool(1).run(_train, _overrides(small_store, run_dir, steps=6) + ["parallel.fsdp=false"])[0]
-    assert [s for s, _ in curves[2]] == [5, 6]
-    for (_, loss2), (_, loss1) in zip(curves[2], curves[1]):
-        assert loss2 == pytest.approx(loss1, rel=1e-5)
+    # Constant learning rate, so "4 steps, then resume to 6" is the same schedule as 6 steps in one go.
+    const = ["train.warmup_steps=0", "train.min_lr_ratio=1.0"]
+    run_dir = str(tmp_path / "resharded")
+    dist_pool(2).run(_train, _overrides(small_store, run_dir, steps=4) + const + ["parallel.fsdp=true"])
+    resumed = dist_pool(1).run(_train, _overrides(small_store, run_dir, steps=6) + const + ["parallel.fsdp=false"])[0]
+    straight = dist_pool(1).run(_train, _overrides(small_store, str(tmp_path / "straight"), steps=6) + const)[0]
+    assert [s for s, _ in resumed] == [5, 6]
+    for (_, loss), (_, ref) in zip(resumed, straight[4:]):
+        assert loss == pytest.approx(ref, rel=1e-5)
+    # A fresh start would be far off: the loss at step 5 is well below the loss at step 1.
+    assert resumed[0][1] < straight[0][1] - 0.05
 
 
 def test_nan_stops_with_step_rank_and_checkpoint(dist_pool, small_store, tmp_path, monkeypatch):
@@ -185,3 +186,24 @@ def test_sigusr1_on_one_rank_stops_all_ranks_together(small_store, tmp_path):
     assert proc.returncode == 0, err
     last = max(_losses(run_dir))
     assert _checkpoints(run_dir) == [f"step_{last:06d}"]
+
+
+def test_sigterm_to_the_launcher_checkpoints_all_ranks_and_exits_zero(small_store, tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = _launch(_overrides(small_store, run_dir, steps=10_000, interval=0), nproc=2)
+    _wait_for_steps(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)  # what Slurm or a user's kill sends to the job's main process
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    last = max(_losses(run_dir))
+    assert _checkpoints(run_dir) == [f"step_{last:06d}"]
+
+
+def test_resume_false_refuses_to_overwrite_and_bad_checkpoint_is_one_line(small_store, tmp_path):
+    run_dir = str(tmp_path / "run")
+    rc, _, err = _run(_overrides(small_store, run_dir, steps=2, interval=0))
+    assert rc == 0, err
+    rc, _, err = _run(_overrides(small_store, run_dir, steps=2) + ["checkpoint.resume=false"])
+    assert rc == 2 and "already holds checkpoints" in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = _run(_overrides(small_store, run_dir, steps=4) + ["model.dim=64"])
+    assert rc == 3 and "does not fit this run" in err and len(err.strip().splitlines()) == 1, err
