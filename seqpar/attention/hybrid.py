@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.attention.layout import Layout
-from seqpar.attention.meta import StreamMeta
+from seqpar.attention.meta import StreamMeta, stream_for
 from seqpar.attention.ring import ring_attention
 from seqpar.attention.ulysses import ulysses_attention
 
@@ -66,11 +66,8 @@ def hybrid_attn_varlen_func(
     ``layout`` (``layout`` names the ring dimension's layout); cu_seqlens: the GLOBAL stream.
     Collective over both groups. Returns out in q's layout (and lse [heads, T_local] on request).
     """
-    from seqpar.attention.layout import build_layout
-
     u, r = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)
-    lay = layout if isinstance(layout, Layout) else build_layout(cu_seqlens.cpu().numpy(), layout, ulysses=u, ring=r)
-    stream = StreamMeta(cu_seqlens, lay, q.device)
+    stream = stream_for(cu_seqlens, layout, q.device, ulysses=u, ring=r)
     return hybrid_attention(
         q, k, v, stream, ulysses_group, ring_group, causal=causal, scale=softmax_scale, impl=impl, return_lse=return_lse
     )

@@ -72,6 +72,8 @@ def _check(cu_seqlens: np.ndarray, world: int) -> np.ndarray:
 
 def contiguous_layout(total_tokens: int, world: int) -> Layout:
     """Rank r holds one contiguous run; the first ``T % P`` ranks hold one extra token."""
+    if world < 1:
+        raise ValueError(f"world size {world} must be >= 1")
     base, rem = divmod(total_tokens, world)
     sizes = [base + (1 if r < rem else 0) for r in range(world)]
     starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -90,6 +92,7 @@ def zigzag_layout(cu_seqlens: np.ndarray, world: int, min_doc_len: int | None = 
     n_chunks = 2 * world
     parts: list[list[np.ndarray]] = [[] for _ in range(world)]
     work = np.zeros(world, dtype=np.float64)
+    tokens = np.zeros(world, dtype=np.int64)
     rotate = 0
     for d in range(cu.size - 1):
         start, end = int(cu[d]), int(cu[d + 1])
@@ -98,10 +101,10 @@ def zigzag_layout(cu_seqlens: np.ndarray, world: int, min_doc_len: int | None = 
             continue
         if length < threshold:
             # Ties go to the rank holding fewer tokens, then the lowest rank: deterministic.
-            tokens = np.array([sum(p.size for p in parts[r]) for r in range(world)])
             r = int(np.lexsort((np.arange(world), tokens, work))[0])
             parts[r].append(np.arange(start, end, dtype=np.int64))
             work[r] += _causal_pairs(0, length)
+            tokens[r] += length
             continue
         base, rem = divmod(length, n_chunks)
         # Chunk c gets an extra token when it is among the `rem` chunks after the rotation point.
@@ -114,12 +117,15 @@ def zigzag_layout(cu_seqlens: np.ndarray, world: int, min_doc_len: int | None = 
                 a, b = int(offs[c]), int(offs[c + 1])
                 parts[r].append(np.arange(start + a, start + b, dtype=np.int64))
                 work[r] += _causal_pairs(a, b)
+                tokens[r] += b - a
     indices = tuple(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts)
     return Layout("zigzag", indices, int(cu[-1]))
 
 
 def hybrid_layout(cu_seqlens: np.ndarray, ulysses: int, ring: int, ring_layout: str = "zigzag") -> Layout:
     """Zigzag (or contiguous) over ``ring``, then contiguous inside each Ulysses group of ``ulysses``."""
+    if ring_layout not in LAYOUTS:
+        raise ValueError(f"parallel.layout={ring_layout!r} is not allowed; choose one of {', '.join(map(repr, LAYOUTS))}")
     cu = _check(cu_seqlens, ulysses * ring)
     outer = zigzag_layout(cu, ring) if ring_layout == "zigzag" else contiguous_layout(int(cu[-1]), ring)
     indices = []

@@ -71,3 +71,17 @@ class StreamMeta:
             ix = torch.as_tensor(self.layout.concat(list(ranks)), device=self.device)
             self._cache[key] = make_meta(self.doc[ix], self.pos[ix], self.num_docs)
         return self._cache[key]
+
+
+def stream_for(
+    cu_seqlens: torch.Tensor, layout: "str | Layout", device: torch.device, ulysses: int = 1, ring: int = 1
+) -> StreamMeta:
+    """StreamMeta for the public ``*_varlen_func`` APIs: ``layout`` is a name or a prebuilt Layout
+    of ``ulysses x ring`` ranks (a clear error when it was built for another group size)."""
+    from seqpar.attention.layout import build_layout
+
+    world = ulysses * ring
+    lay = layout if isinstance(layout, Layout) else build_layout(cu_seqlens.cpu().numpy(), layout, ulysses=ulysses, ring=ring)
+    if lay.world != world:
+        raise ValueError(f"layout is for {lay.world} ranks but the group has {world}; build it for this group")
+    return StreamMeta(cu_seqlens, lay, device)

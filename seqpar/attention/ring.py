@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.attention.layout import Layout
-from seqpar.attention.meta import BlockMeta, StreamMeta, visible
+from seqpar.attention.meta import BlockMeta, stream_for, visible
 from seqpar.kernels.dispatch import get_impl
 from seqpar.kernels.reference import merge
 from seqpar.parallel.comm import RingExchange
@@ -147,12 +147,7 @@ def ring_attn_varlen_func(
     documents (int32, identical on every rank). Collective over ``group``. Returns out
     [T_local, heads, head_dim] in q's layout, and lse [heads, T_local] fp32 when requested.
     """
-    from seqpar.attention.layout import build_layout
-
     p = dist.get_world_size(group)
-    lay = layout if isinstance(layout, Layout) else build_layout(cu_seqlens.cpu().numpy(), layout, ring=p)
-    if lay.world != p:
-        raise ValueError(f"layout is for {lay.world} ranks but the group has {p}; build it for this group")
-    stream = StreamMeta(cu_seqlens, lay, q.device)
+    stream = stream_for(cu_seqlens, layout, q.device, ring=p)
     out, lse = ring_attention(q, k, v, [stream.block([i]) for i in range(p)], group, causal=causal, scale=softmax_scale, impl=impl)
     return (out, lse) if return_lse else out

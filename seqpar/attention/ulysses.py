@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.attention.layout import Layout
-from seqpar.attention.meta import BlockMeta, StreamMeta
+from seqpar.attention.meta import BlockMeta, stream_for
 from seqpar.kernels.autograd import block_attention
 from seqpar.parallel.comm import head_to_seq, seq_to_head
 
@@ -80,7 +80,8 @@ def ulysses_attention(
         return out
     with torch.no_grad():
         # lse [h/P, T] -> [h, T_me]: the same exchange as the output, on a one-wide "head_dim".
-        lse = head_to_seq(lse_h.float().t().unsqueeze(-1).contiguous(), counts, group).squeeze(-1).t().contiguous()
+        lse = head_to_seq(lse_h.float().t().unsqueeze(-1).contiguous(), counts, group, op_name="ulysses_lse")
+        lse = lse.squeeze(-1).t().contiguous()
     return out, lse
 
 
@@ -103,12 +104,7 @@ def ulysses_attn_varlen_func(
     cu_seqlens: the GLOBAL stream's documents. Collective over ``group``. Returns out in q's
     layout, and lse [heads, T_local] fp32 when requested.
     """
-    from seqpar.attention.layout import build_layout
-
     p = dist.get_world_size(group)
-    lay = layout if isinstance(layout, Layout) else build_layout(cu_seqlens.cpu().numpy(), layout, ulysses=p)
-    if lay.world != p:
-        raise ValueError(f"layout is for {lay.world} ranks but the group has {p}; build it for this group")
-    stream = StreamMeta(cu_seqlens, lay, q.device)
+    stream = stream_for(cu_seqlens, layout, q.device, ulysses=p)
     metas = [stream.block([i]) for i in range(p)]
     return ulysses_attention(q, k, v, metas, group, causal=causal, scale=softmax_scale, impl=impl, return_lse=return_lse)

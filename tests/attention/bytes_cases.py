@@ -9,14 +9,16 @@ returned beside the counters.
 
 from __future__ import annotations
 
+import math
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-_GROUPS: dict = {}
+from tests.support.dist import sp_groups
+
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class ByteCase:
     ulysses: int = 1  # hybrid only: the Ulysses degree (ring = world / ulysses)
     layout: str = "zigzag"
     causal: bool = True
+    return_lse: bool = False  # Ulysses then also sends lse back to the token layout (fp32)
 
     def degrees(self, world: int) -> tuple[int, int]:
         """(ulysses, ring) of the SP group of ``world`` ranks."""
@@ -43,33 +46,19 @@ class ByteCase:
         deg = f" u{self.ulysses}" if self.algo == "hybrid" else ""
         return (
             f"{self.algo}{deg} {self.layout} {list(self.seqlens)} h{self.heads}/{self.kv_heads} d{self.head_dim} "
-            f"{self.dtype}{'' if self.causal else ' full'}"
+            f"{self.dtype}{'' if self.causal else ' full'}{' lse' if self.return_lse else ''}"
         )
-
-
-def _groups(ulysses: int, ring: int):
-    """Mesh groups of a dp=1 layout of the whole pool, created once per shape (new_group is collective)."""
-    key = (ulysses, ring)
-    if key not in _GROUPS:
-        from seqpar.parallel.dims import ParallelDims
-        from seqpar.parallel.mesh import build_groups
-
-        world = dist.get_world_size()
-        _GROUPS[key] = build_groups(ParallelDims(1, world, ulysses, ring, world), "cpu")
-    return _GROUPS[key]
 
 
 class _Transport:
     """Bytes handed to torch.distributed's send primitives while installed (see :func:`_wrap_transport`)."""
 
     def __init__(self) -> None:
-        self.p2p = 0
-        self.a2a = 0
-        self.p2p_sends = 0
-        self.a2a_calls = 0
+        self.reset()
 
     def reset(self) -> None:
-        self.__init__()
+        self.p2p = 0
+        self.a2a = 0
 
 
 @contextmanager
@@ -85,17 +74,15 @@ def _wrap_transport(rec: _Transport):
         for op in p2p_op_list:
             if op.op is dist.isend or getattr(op.op, "__name__", "") == "isend":
                 rec.p2p += op.tensor.numel() * op.tensor.element_size()
-                rec.p2p_sends += 1
         return real_batch(p2p_op_list)
 
     def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
         p = dist.get_world_size(group)
         me = dist.get_rank(group)
         rows = input.shape[0]
-        row_bytes = (input[0].numel() if rows else int(torch.tensor(input.shape[1:]).prod())) * input.element_size()
+        row_bytes = math.prod(input.shape[1:]) * input.element_size()
         kept = input_split_sizes[me] if input_split_sizes is not None else rows // p
         rec.a2a += (rows - kept) * row_bytes
-        rec.a2a_calls += 1
         return real_a2a(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
     dist.batch_isend_irecv, dist.all_to_all_single = batch_isend_irecv, all_to_all_single
@@ -125,17 +112,17 @@ def run_byte_case(case: ByteCase, transport: bool = False) -> dict:
 
     world = dist.get_world_size()
     u, r = case.degrees(world)
-    groups = _groups(u, r)
+    groups = sp_groups(u, r)
     dtype = getattr(torch, case.dtype)
     cu = torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()], dtype=torch.int32)
     layout = build_layout(cu.numpy(), case.layout, ulysses=u, ring=r)
     sp_rank = dist.get_rank(groups.sp)
     q, k, v, dout = (layout.shard(x, sp_rank) for x in _inputs(case, dtype))
     q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
-    kwargs = dict(layout=layout, causal=case.causal)
+    kwargs = dict(layout=layout, causal=case.causal, return_lse=case.return_lse)
     rec = _Transport()
     result: dict = {"sp_rank": sp_rank, "tokens": int(q.shape[0])}
-    with _wrap_transport(rec) if transport else _noop():
+    with _wrap_transport(rec) if transport else nullcontext():
         dist.barrier()
         COUNTERS.reset()
         if case.algo == "ring":
@@ -144,6 +131,9 @@ def run_byte_case(case: ByteCase, transport: bool = False) -> dict:
             out = ulysses_attn_varlen_func(q, k, v, cu, group=groups.sp, **kwargs)
         else:
             out = hybrid_attn_varlen_func(q, k, v, cu, ulysses_group=groups.ulysses, ring_group=groups.ring, **kwargs)
+        if case.return_lse:
+            out, lse = out
+            assert lse.shape == (case.heads, q.shape[0]) and lse.dtype == torch.float32, (lse.shape, lse.dtype)
         result["fwd"] = COUNTERS.snapshot()
         result["fwd_transport"] = {"p2p": rec.p2p, "a2a": rec.a2a}
         assert out.shape == q.shape and out.dtype == q.dtype, (out.shape, out.dtype)
@@ -156,11 +146,6 @@ def run_byte_case(case: ByteCase, transport: bool = False) -> dict:
         dist.barrier()
     assert q.grad is not None and k.grad is not None and v.grad is not None
     return result
-
-
-@contextmanager
-def _noop():
-    yield None
 
 
 def run_byte_cases(cases: list[ByteCase], transport: bool = False) -> list[dict]:

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tests.support.dist import sp_groups
+
 
 def saved_activation_bytes(algorithm: str, ulysses: int, ring: int, seqlens: list[int]) -> int:
     """Bytes of tensors autograd saves in one forward of a tiny model on this rank's shard.
@@ -15,12 +17,10 @@ def saved_activation_bytes(algorithm: str, ulysses: int, ring: int, seqlens: lis
     from seqpar.attention import build_attention
     from seqpar.config import ModelConfig
     from seqpar.model.llama import Transformer
-    from seqpar.parallel.dims import ParallelDims
-    from seqpar.parallel.mesh import build_groups
     from seqpar.train.batch import make_microbatch, shard_microbatch
 
     world = dist.get_world_size()
-    groups = build_groups(ParallelDims(1, world, ulysses, ring, world), "cpu")
+    groups = sp_groups(ulysses, ring)
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=256)
     model = Transformer(cfg, build_attention("reference", torch.device("cpu"), algorithm, groups))

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tests.support.dist import sp_groups
+
 from tests.support.oracle import _max_err, oracle_grads, oracle_varlen
 
-_GROUPS: dict = {}
 _TRUTH: dict = {}
 
 
@@ -37,18 +38,6 @@ class Case:
             f"{self.algo}[{self.layout}{'' if self.algo != 'hybrid' else f' u{self.ulysses}'}] {list(self.seqlens)} "
             f"h{self.heads}/{self.kv_heads} {'causal' if self.causal else 'full'} {self.dtype}"
         )
-
-
-def _groups(ulysses: int, ring: int):
-    """Mesh groups of a dp=1 layout of the whole pool (created once per shape: new_group is collective)."""
-    key = (ulysses, ring)
-    if key not in _GROUPS:
-        from seqpar.parallel.dims import ParallelDims
-        from seqpar.parallel.mesh import build_groups
-
-        world = dist.get_world_size()
-        _GROUPS[key] = build_groups(ParallelDims(1, world, ulysses, ring, world), "cpu")
-    return _GROUPS[key]
 
 
 def _inputs(case: Case):
@@ -85,7 +74,7 @@ def run_case(case: Case) -> dict:
     from seqpar.attention.ring import ring_attn_varlen_func
     from seqpar.attention.ulysses import ulysses_attn_varlen_func
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     dtype = getattr(torch, case.dtype)
     scale = case.head_dim**-0.5
     q, k, v, dout = _inputs(case)
@@ -99,7 +88,7 @@ def run_case(case: Case) -> dict:
         u, r = world, 1
     else:
         u, r = 1, world
-    groups = _groups(u, r)
+    groups = sp_groups(u, r)
     layout = build_layout(cu.numpy(), case.layout, ulysses=u, ring=r)
     sp_rank = dist.get_rank(groups.sp)
     local = [layout.shard(x, sp_rank).to(dtype).requires_grad_(True) for x in (q, k, v)]

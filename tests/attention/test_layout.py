@@ -8,6 +8,8 @@ Run: python -m pytest tests/attention/test_layout.py -q
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -204,6 +206,17 @@ def test_zigzag_tiny_stream_leaves_ranks_empty(world):
     assert torch.equal(lay.unshard(shards), x)
 
 
+def test_zigzag_layout_time_is_linear_in_documents():
+    """Layouts are built for every micro-batch on every rank: 3,000 documents (long ones and short ones
+    alternating, 31.5K tokens) must take well under a second, not grow with documents squared."""
+    cu = _cu([20, 3] * 1500)
+    start = time.perf_counter()
+    lay = zigzag_layout(cu, 8)
+    elapsed = time.perf_counter() - start
+    _check_partition(lay, int(cu[-1]))
+    assert elapsed < 1.5, f"zigzag_layout of 3,000 documents on P=8 took {elapsed:.1f}s"
+
+
 def test_zigzag_threshold_is_configurable():
     cu = _cu([20])
     assert sorted(zigzag_layout(cu, 2, min_doc_len=32).counts()) == [0, 20]  # below the threshold: whole
@@ -319,6 +332,21 @@ def test_bad_cu_seqlens_is_an_error(cu, kind):
 def test_bad_world_is_an_error():
     with pytest.raises(ValueError, match="world size"):
         build_layout(_cu([8]), "zigzag", ring=0)
+    with pytest.raises(ValueError, match="world size"):
+        zigzag_layout(_cu([8]), 0)
+
+
+def test_contiguous_layout_rejects_bad_world():
+    """The public contiguous_layout must fail with a message, not ZeroDivisionError."""
+    with pytest.raises(ValueError, match="world size"):
+        contiguous_layout(10, 0)
+
+
+def test_hybrid_layout_rejects_unknown_ring_layout():
+    """hybrid_layout is public: an unknown ring layout must be an error, not silently contiguous."""
+    with pytest.raises(ValueError) as err:
+        hybrid_layout(_cu([16]), 2, 2, ring_layout="striped")
+    assert "zigzag" in str(err.value) and "contiguous" in str(err.value), str(err.value)
 
 
 # --- causal work -----------------------------------------------------------------------------

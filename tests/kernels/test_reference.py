@@ -22,7 +22,7 @@ from seqpar.kernels import (
 from seqpar.kernels import reference
 from seqpar.kernels.dispatch import get_impl
 from seqpar.kernels.varlen import validate_cu_seqlens
-from tests.support.oracle import assert_close_to_oracle, oracle_attention, oracle_grads, oracle_varlen
+from tests.support.oracle import assert_close_to_oracle, oracle_grads, oracle_varlen
 
 SMALL_DOCS = [17, 31, 11]
 LONG_DOCS = [1987, 523, 271, 1009]

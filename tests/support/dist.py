@@ -132,3 +132,21 @@ class PoolFactory:
             if not pool.broken:
                 pool.close()
         self._pools.clear()
+
+
+_SP_GROUPS: dict = {}
+
+
+def sp_groups(ulysses: int, ring: int):
+    """Inside a pool worker: seqpar Groups of a dp=1, sp=world layout ``ulysses x ring`` of the whole
+    pool, created once per shape (group creation is collective, so every rank calls this in step)."""
+    key = (ulysses, ring)
+    if key not in _SP_GROUPS:
+        import torch.distributed as dist
+
+        from seqpar.parallel.dims import ParallelDims
+        from seqpar.parallel.mesh import build_groups
+
+        world = dist.get_world_size()
+        _SP_GROUPS[key] = build_groups(ParallelDims(1, world, ulysses, ring, world), "cpu")
+    return _SP_GROUPS[key]
