@@ -33,8 +33,8 @@ def test_multi_node_command_uses_c10d_rendezvous():
     assert "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=node0:29400 --rdzv-id=seqpar --nproc_per_node=2" in p.stdout
     assert "--standalone" not in p.stdout
     assert "needs --rdzv-endpoint" in one_error_line(seqpar("train", "configs/tiny-cpu.yaml", "--nnodes", "2", "--print-cmd"))
-    line = one_error_line(seqpar("train", "configs/tiny-cpu.yaml", "parallel.dp=2", "--nnodes", "2", "--nproc", "2", "--rdzv-endpoint", "h:1", "--print-cmd"))
-    assert "must equal the world size 4" in line
+    line = one_error_line(seqpar("train", "configs/tiny-cpu.yaml", "parallel.dp=3", "--nnodes", "2", "--nproc", "2", "--rdzv-endpoint", "h:1", "--print-cmd"))
+    assert "parallel.dp(3) x parallel.sp(2) = 6 must equal the world size 4" in line
 
 
 def test_config_errors_are_one_line():
@@ -47,7 +47,7 @@ def test_config_errors_are_one_line():
 
 def _rank_entry(*overrides):
     return subprocess.run(
-        [sys.executable, "-m", "seqpar.train", "--config", "configs/tiny-cpu.yaml", *overrides],
+        [sys.executable, "-m", "seqpar.train", "--config", "configs/tiny-cpu.yaml", "parallel.sp=1", "parallel.ring=1", *overrides],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -42,11 +42,11 @@ def test_fsdp_shards_model_state_by_world():
 def test_tiny_cpu_on_2_ranks():
     cfg = load_config(TINY)
     plan = plan_dry_run(cfg, 2)
-    assert (plan.dims.dp, plan.dims.sp) == (2, 1)
-    assert plan.micro_batches_per_rank == 4
+    assert (plan.dims.dp, plan.dims.sp) == (1, 2)
+    assert plan.micro_batches_per_rank == 8 and plan.tokens_per_rank == 256
     assert plan.vocab_size == 320  # byte tokenizer (257) rounded up to 64
     assert cfg.model.vocab_size == 0, "the dry run must not modify the config"
-    assert "dp 2 x sp 1" in dry_run_report(cfg, 2)
+    assert "dp 1 x sp 2" in dry_run_report(cfg, 2)
 
 
 def test_flops_and_large_world_summary():

@@ -28,6 +28,8 @@ def _overrides(store, run_dir, steps=6, interval=2):
         f"checkpoint.interval={interval}",
         "checkpoint.keep_latest=2",
         "logging.progress=false",
+        "parallel.sp=1",  # data parallel: tiny-cpu.yaml itself runs sp=2
+        "parallel.ring=1",
         f"run.output_dir={run_dir}",
     ]
 
