@@ -89,7 +89,7 @@ def test_batch_that_does_not_split_over_dp():
 
 def test_heads_not_divisible_by_ulysses():
     with pytest.raises(ConfigError) as e:
-        dry_run_report(load_config(TINY, ["parallel.sp=8", "parallel.ulysses=8"]), 8)
+        dry_run_report(load_config(TINY, ["parallel.sp=8", "parallel.ulysses=8", "parallel.ring=1", "parallel.algorithm=ulysses"]), 8)
     msg = _one_line(e)
     assert "model.n_heads=4" in msg and "parallel.ulysses=8" in msg
 
