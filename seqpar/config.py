@@ -87,21 +87,38 @@ class ModelConfig:
         return self.dim // self.n_heads
 
 
-DATA_MODES = ("concat_chunk", "pack")
+DATA_MODES = ("concat_chunk", "pack", "decompose")
+CURRICULA = ("uniform", "grow_linear", "grow_p2")
 
 
 @dataclass
 class DataConfig:
-    path: str = ""  # store prefix (PREFIX.bin/.idx); empty -> the embedded standard-library corpus
+    path: str = ""  # store prefix (PREFIX.bin/.idx), or the output dir of `seqpar data decompose` for mode decompose
     mode: str = "pack"
-    seq_len: int = 1024  # tokens per micro-batch stream (before sequence-parallel sharding)
+    seq_len: int = 1024  # tokens per micro-batch stream before SP sharding (decompose: 2^max_log2 targets)
     tokens_per_step: int = 8192  # global tokens per optimizer step, all ranks and micro-batches
     doc_mask: bool = True  # concat_chunk only: false lets attention cross documents (classic baseline)
     tokenizer: str = "byte"  # "byte" or a local tokenizer.json; only used when the store has no metadata
     cache_dir: str = ""  # where the embedded corpus is built; empty -> $SEQPAR_CACHE or ~/.cache/seqpar
+    curriculum: str = "grow_p2"  # decompose: uniform | grow_linear | grow_p2 | comma-separated odds, shortest bucket first
+    curriculum_rule: str = "paper"  # decompose: paper (odds over non-empty buckets) | released (odds x token share)
+    cycles: int = 1  # decompose: short-to-long cycles per epoch (the sawtooth)
 
     def __post_init__(self) -> None:
         _choice("data.mode", self.mode, DATA_MODES)
+        _choice("data.curriculum_rule", self.curriculum_rule, ("paper", "released"))
+        _check(self.cycles >= 1, f"data.cycles={self.cycles} must be >= 1")
+        if self.curriculum not in CURRICULA:
+            try:
+                odds = [float(x) for x in self.curriculum.split(",")]
+            except ValueError:
+                odds = []
+            _check(
+                bool(odds) and all(o >= 0 for o in odds) and any(o > 0 for o in odds),
+                f"data.curriculum={self.curriculum!r} must be one of {', '.join(CURRICULA)} or comma-separated odds like '6,5,4,3,2,1'",
+            )
+        if self.mode == "decompose":
+            _check(bool(self.path), "data.mode=decompose needs data.path: the output directory of 'seqpar data decompose STORE --output DIR'")
         _check(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be >= 2")
         _check(
             self.tokens_per_step >= self.seq_len and self.tokens_per_step % self.seq_len == 0,
@@ -111,6 +128,9 @@ class DataConfig:
     @property
     def streams_per_step(self) -> int:
         return self.tokens_per_step // self.seq_len
+
+    def curriculum_odds(self) -> str | list[float]:
+        return self.curriculum if self.curriculum in CURRICULA else [float(x) for x in self.curriculum.split(",")]
 
 
 @dataclass

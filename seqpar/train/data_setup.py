@@ -1,4 +1,12 @@
-"""Open the run's token store and derive the vocabulary, on every rank (building the embedded corpus once)."""
+"""The run's data on every rank: which streams each optimizer step trains on.
+
+Two sources share one interface (:class:`StepData`):
+- a token store packed into fixed-length streams (``data.mode: pack | concat_chunk``), addressed
+  by a global stream index;
+- a dataset decomposition (``data.mode: decompose``): each step draws one length bucket and
+  trains on ``tokens_per_step / 2^max`` streams of that bucket's pieces, addressed by step.
+Both are random access, so a resumed run sees exactly the streams it would have seen.
+"""
 
 from __future__ import annotations
 
@@ -22,41 +30,10 @@ def _round_up(n: int, multiple: int) -> int:
     return multiple * ((n + multiple - 1) // multiple)
 
 
-def open_data(cfg: Config, local_rank: int):
-    """Return (TokenStore, DataSource). Collective: local rank 0 builds the embedded corpus first.
+def _vocab(cfg: Config, meta: dict, max_id: int, where: str) -> tuple[int, int | None]:
+    """model.vocab_size when set; else the data's metadata; else the tokenizer's; rounded up to 64."""
+    from seqpar.data.store import StoreError
 
-    Vocabulary: model.vocab_size when set; otherwise the store's metadata (written by
-    ``seqpar data prepare``), else the configured tokenizer, rounded up to a multiple of 64.
-    """
-    from seqpar.data.store import StoreError, TokenStore
-
-    if cfg.data.path:
-        prefix = cfg.data.path
-        for suffix in (".bin", ".idx"):
-            if prefix.endswith(suffix):
-                prefix = prefix[: -len(suffix)]
-        if not (os.path.exists(prefix + ".bin") or os.path.exists(prefix + ".idx")):
-            raise ConfigError(
-                f"data.path={cfg.data.path!r}: no {prefix}.bin/.idx found; make a store with "
-                "'seqpar data prepare INPUT --output PREFIX' or leave data.path empty for the embedded corpus"
-            )
-        description = prefix
-    else:
-        from seqpar.data.corpus import embedded_corpus
-
-        cache = cfg.data.cache_dir or None
-        if local_rank == 0:
-            prefix = embedded_corpus(cache, progress=cfg.logging.progress)
-        if dist.is_initialized():
-            dist.barrier()
-        if local_rank != 0:
-            prefix = embedded_corpus(cache, progress=False)
-        description = "embedded corpus (Python standard library sources)"
-    store = TokenStore(prefix)
-
-    from seqpar.data.prepare import read_metadata
-
-    meta = read_metadata(prefix) or {}
     eot_id = meta.get("eot_id")
     vocab = cfg.model.vocab_size
     if vocab == 0:
@@ -68,9 +45,100 @@ def open_data(cfg: Config, local_rank: int):
             tok = load_tokenizer(cfg.data.tokenizer)
             vocab, eot_id = tok.vocab_size, tok.eot_id
         vocab = _round_up(vocab, 64)
-    max_id = store.max_token_id()
     if max_id >= vocab:
         raise StoreError(
-            f"{prefix}: token id {max_id} does not fit model.vocab_size={vocab}; set model.vocab_size to at least {max_id + 1}"
+            f"{where}: token id {max_id} does not fit model.vocab_size={vocab}; set model.vocab_size to at least {max_id + 1}"
         )
-    return store, DataSource(prefix=prefix, vocab_size=vocab, eot_id=eot_id, description=description)
+    return vocab, eot_id
+
+
+class StepData:
+    """Streams of each step. ``rank_streams`` gives this dp rank's share, in micro-batch order."""
+
+    def __init__(self, source, per_step: int, by_step: bool) -> None:
+        self.source = source
+        self.per_step = per_step
+        self.by_step = by_step
+
+    def rank_streams(self, step: int, consumed: int, dp_rank: int, dp: int) -> list:
+        """step: 0-based optimizer step; consumed: global streams used before it (pack modes)."""
+        per_rank = self.per_step // dp
+        if self.by_step:
+            return self.source.step_streams(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        base = consumed + dp_rank * per_rank
+        return [self.source[i] for i in range(base, base + per_rank)]
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+
+def _store_prefix(cfg: Config, local_rank: int) -> tuple[str, str]:
+    if cfg.data.path:
+        prefix = cfg.data.path
+        for suffix in (".bin", ".idx"):
+            if prefix.endswith(suffix):
+                prefix = prefix[: -len(suffix)]
+        if not (os.path.exists(prefix + ".bin") or os.path.exists(prefix + ".idx")):
+            raise ConfigError(
+                f"data.path={cfg.data.path!r}: no {prefix}.bin/.idx found; make a store with "
+                "'seqpar data prepare INPUT --output PREFIX' or leave data.path empty for the embedded corpus"
+            )
+        return prefix, prefix
+    from seqpar.data.corpus import embedded_corpus
+
+    cache = cfg.data.cache_dir or None
+    if local_rank == 0:
+        prefix = embedded_corpus(cache, progress=cfg.logging.progress)
+    if dist.is_initialized():
+        dist.barrier()
+    if local_rank != 0:
+        prefix = embedded_corpus(cache, progress=False)
+    return prefix, "embedded corpus (Python standard library sources)"
+
+
+def _decomposed(cfg: Config, per_step_tokens: int) -> tuple[StepData, DataSource]:
+    from seqpar.data.curriculum import DecomposedBatches
+    from seqpar.data.decompose import load_manifest
+
+    if not os.path.isdir(cfg.data.path):
+        raise ConfigError(
+            f"data.path={cfg.data.path!r} is not a directory; data.mode=decompose needs the output of "
+            "'seqpar data decompose STORE --output DIR'"
+        )
+    manifest = load_manifest(cfg.data.path)
+    max_log2 = int(manifest["settings"]["max_log2"]) if "settings" in manifest else int(manifest["max_log2"])
+    window = 2**max_log2
+    if cfg.data.seq_len != window:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} must equal 2^max_log2 = {window} of the decomposition in {cfg.data.path} "
+            "(every step then has tokens_per_step targets whatever the bucket)"
+        )
+    base_batch = per_step_tokens // window
+    batches = DecomposedBatches(
+        cfg.data.path,
+        base_batch=base_batch,
+        curriculum=cfg.data.curriculum_odds(),
+        rule=cfg.data.curriculum_rule,
+        cycles=cfg.data.cycles,
+        seed=cfg.run.seed,
+        num_steps=cfg.train.steps,
+    )
+    vocab, eot = _vocab(cfg, manifest, int(manifest.get("max_token_id", -1)), cfg.data.path)
+    source = DataSource(cfg.data.path, vocab, eot, f"decomposition {cfg.data.path}")
+    return StepData(batches, base_batch, by_step=True), source
+
+
+def open_data(cfg: Config, local_rank: int) -> tuple[StepData, DataSource]:
+    """The run's StepData and vocabulary. Collective: local rank 0 builds the embedded corpus first."""
+    if cfg.data.mode == "decompose":
+        return _decomposed(cfg, cfg.data.tokens_per_step)
+    from seqpar.data.prepare import read_metadata
+    from seqpar.data.store import TokenStore
+    from seqpar.data.streams import PackedStreams
+
+    prefix, description = _store_prefix(cfg, local_rank)
+    store = TokenStore(prefix)
+    vocab, eot = _vocab(cfg, read_metadata(prefix) or {}, store.max_token_id(), prefix)
+    streams = PackedStreams(store, mode=cfg.data.mode, seq_len=cfg.data.seq_len, seed=cfg.run.seed, doc_mask=cfg.data.doc_mask)
+    description = f"{description}: {store.num_docs:,} docs, {store.num_tokens:,} tokens"
+    return StepData(streams, cfg.data.streams_per_step, by_step=False), DataSource(prefix, vocab, eot, description)

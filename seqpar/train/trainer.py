@@ -152,13 +152,11 @@ def train(cfg: Config) -> list[dict]:
     is_main = info.rank == 0
     run_dir = cfg.run.output_dir
 
-    store, source = open_data(cfg, info.local_rank)
+    step_data, source = open_data(cfg, info.local_rank)
     cfg.model.vocab_size = source.vocab_size
 
-    from seqpar.data.streams import PackedStreams
     from seqpar.hardware import format_mfu, peak_flops, resolve_profile
 
-    streams = PackedStreams(store, mode=cfg.data.mode, seq_len=cfg.data.seq_len, seed=cfg.run.seed, doc_mask=cfg.data.doc_mask)
     model = build_model(cfg, info, groups)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
@@ -206,8 +204,8 @@ def train(cfg: Config) -> list[dict]:
     peak = peak_flops(profile, "bf16" if dtype == torch.bfloat16 else "fp32")
     log.info(f"seqpar | {dims.describe()} | backend {info.backend} | device {info.device.type} | fsdp {'on' if cfg.parallel.fsdp else 'off'}")
     log.info(
-        f"model {model.num_params() / 1e6:.2f}M params | data {source.description}: {store.num_docs:,} docs, "
-        f"{store.num_tokens:,} tokens | {streams.describe()} | {cfg.data.tokens_per_step:,} tokens/step | run dir {run_dir}"
+        f"model {model.num_params() / 1e6:.2f}M params | data {source.description} | {step_data.describe()} | "
+        f"{cfg.data.tokens_per_step:,} tokens/step | run dir {run_dir}"
     )
     log.info(
         "FLOPs: model FLOPs (6 x matmul params per token + causal attention per document, recompute not counted); "
@@ -222,15 +220,12 @@ def train(cfg: Config) -> list[dict]:
         )
     preempt = PreemptionFlag()
     records: list[dict] = []
-    per_rank = cfg.data.streams_per_step // dims.dp
     step = start_step
     try:
         while step < cfg.train.steps:
             t0 = time.perf_counter()
-            base = consumed + groups.dp_rank * per_rank
             batches, doc_lengths = [], []
-            for i in range(base, base + per_rank):
-                s = streams[i]
+            for s in step_data.rank_streams(step, consumed, groups.dp_rank, dims.dp):
                 mb = make_microbatch(s.tokens, s.cu_seqlens, info.device)
                 if dims.sp > 1:
                     mb = shard_microbatch(mb, cfg.parallel.layout, dims.ulysses, dims.ring, groups.sp_rank)
