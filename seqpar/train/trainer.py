@@ -139,7 +139,10 @@ def _first_line(e: BaseException) -> str:
 
 def _data_meta(cfg: Config, prefix: str) -> dict:
     d = cfg.data
-    return {"path": prefix, "mode": d.mode, "seq_len": d.seq_len, "doc_mask": d.doc_mask, "seed": cfg.run.seed}
+    meta = {"path": prefix, "mode": d.mode, "seq_len": d.seq_len, "doc_mask": d.doc_mask, "seed": cfg.run.seed}
+    if d.mode == "decompose":  # the bucket sequence depends on these too
+        meta.update(curriculum=d.curriculum, rule=d.curriculum_rule, cycles=d.cycles, tokens_per_step=d.tokens_per_step)
+    return meta
 
 
 def train(cfg: Config) -> list[dict]:
