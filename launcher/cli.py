@@ -4,6 +4,7 @@
     seqpar train configs/tiny-cpu.yaml train.steps=10 --print-cmd
     seqpar train configs/llama-1b-128k.yaml --dry-run --world-size 8   # validate the layout, launch nothing
     seqpar data prepare corpus/ notes.jsonl --output data/mystore
+    seqpar data decompose data/mystore --min-log2 8 --max-log2 13 --output data/mystore-dd
 """
 
 from __future__ import annotations
@@ -86,6 +87,28 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_decompose(args: argparse.Namespace) -> int:
+    from seqpar.data.decompose import decompose_store, format_summary
+    from seqpar.data.store import StoreError
+
+    try:
+        manifest = decompose_store(
+            args.store,
+            args.output,
+            min_log2=args.min_log2,
+            max_log2=args.max_log2,
+            overlap=not args.no_overlap,
+            randomize=not args.no_randomize,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    except (StoreError, ValueError) as e:
+        return _error(str(e))
+    print(f"wrote {args.output}/bucket_*.bin/.idx and manifest.json from {args.store}:")
+    print(format_summary(manifest))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqpar", description="Distributed long-sequence training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eot", action="store_true", help="do not append the end-of-text token to documents")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("decompose", help="split a store's documents into power-of-two length buckets (dataset decomposition)")
+    p.add_argument("store", help="token store prefix (PREFIX.bin/.idx) from `seqpar data prepare` or Megatron")
+    p.add_argument("--output", required=True, help="output directory: bucket_KK.bin/.idx per bucket and manifest.json")
+    p.add_argument("--min-log2", type=int, default=8, help="shortest bucket 2^k targets; shorter remainders are dropped (default 8)")
+    p.add_argument("--max-log2", type=int, default=13, help="longest bucket 2^k targets (default 13 = 8K)")
+    p.add_argument("--no-randomize", action="store_true", help="cut too-long remainders at 2^max instead of a random bucket")
+    p.add_argument("--no-overlap", action="store_true", help="released scripts' behaviour: pieces do not share a token (loses one target per cut)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random bucket draws (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_decompose)
+
+    from seqpar.launcher.plan_cmd import add_plan_commands  # seqpar plan, seqpar profile
+
+    add_plan_commands(sub)
     return parser
 
 

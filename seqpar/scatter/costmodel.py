@@ -13,7 +13,8 @@ lower bound exact in form.
 
 from __future__ import annotations
 
-import math
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,9 +80,10 @@ class CostModel:
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
+            states, usable = self.state_bytes_per_rank / 2**30, self.memory_bytes / 2**30
             raise CostModelError(
-                f"capacity K={self.capacity} tokens per rank: the model states ({self.state_bytes_per_rank / 2**30:.1f} GiB "
-                f"per rank) leave no room for activations in {self.memory_bytes / 2**30:.1f} GiB; use more ranks or a smaller model")
+                f"capacity K={self.capacity} tokens per rank: the model states ({states:.1f} GiB per rank) leave no room "
+                f"for activations in {usable:.1f} GiB; use more ranks or a smaller model")
         if self.world < 1:
             raise CostModelError(f"world={self.world} must be >= 1")
 
@@ -157,7 +159,8 @@ class CostModel:
         return self.n_layers * (r - 1) * 2 * (s / d) * hkv * (2 * self.elem_bytes + 4)
 
     def seq_cost(self, s: float, d: int, algorithm: str) -> float:
-        """Seconds one sequence of s tokens adds to a group of degree d running ``algorithm``."""
+        """Seconds one sequence of s tokens adds to a group of degree d running ``algorithm``
+        (s may be a float64 numpy array: one cost per sequence)."""
         attn = self.a1 * s * s / d
         comp = attn + self.a2 * s / d
         if algorithm == "local":
@@ -165,12 +168,12 @@ class CostModel:
         if algorithm == "ulysses":
             return comp + self.ulysses_bytes(s, d) / self.a2a_bw(d)
         if algorithm == "ring":
-            return comp + max(0.0, self.ring_bytes(s, d) / self.p2p_bw(d) - attn)
+            return comp + np.maximum(0.0, self.ring_bytes(s, d) / self.p2p_bw(d) - attn)
         if algorithm == "hybrid":
             u, r = self.split(d, "hybrid")
             a2a = self.ulysses_bytes(s, d, u) / self.a2a_bw(u)
             ring = self.ring_bytes(s, d, r, self.kv_hidden(u)) / self.p2p_bw(d, strided=True)
-            return comp + a2a + max(0.0, ring - attn)
+            return comp + a2a + np.maximum(0.0, ring - attn)
         raise CostModelError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
 
     def group_const(self, d: int) -> float:
@@ -231,10 +234,10 @@ def build_cost_model(profile: HardwareProfile, model: ModelConfig, world: int) -
         raise CostModelError(f"hardware profile {profile.name}: device_memory_gib is unknown; set it to compute capacity")
     vocab = model.vocab_size or ref.vocab_size
     mcfg = ModelConfig(**{**model.__dict__, "vocab_size": vocab})
-    attn_ratio = (mcfg.n_layers * mcfg.dim) / (ref.n_layers * ref.dim)
+    attn_ratio = (mcfg.n_layers * mcfg.dim) / (ref.n_layers * ref.dim)  # attention FLOPs per token pair
     lin_ratio = matmul_params(mcfg) / matmul_params(ref)
-    act_ratio = (mcfg.n_layers * mcfg.dim) / (ref.n_layers * ref.dim)
-    params = matmul_params(mcfg) + (0 if mcfg.tie_embeddings else 0)
+    act_ratio = attn_ratio  # activations per token scale with layers x hidden
+    params = matmul_params(mcfg) + (0 if mcfg.tie_embeddings else mcfg.dim * vocab)  # + untied input embedding
     # FSDP over all ranks: bf16 params + grads, fp32 master + Adam m, v = 16 bytes/param, sharded;
     # plus one layer gathered (params + grads, bf16) at a time.
     state = 16.0 * params / world + 4.0 * (params / mcfg.n_layers)
@@ -263,5 +266,37 @@ def build_cost_model(profile: HardwareProfile, model: ModelConfig, world: int) -
     )
 
 
-def ceil_log2(x: float) -> int:
-    return max(0, math.ceil(math.log2(x))) if x > 1 else 0
+class CostTable:
+    """Per-sequence costs of one batch for every degree and algorithm, precomputed (numpy).
+
+    cost[d][algorithm]: float64 [n] seconds; best[d]: float64 [n], the cheapest algorithm.
+    """
+
+    def __init__(self, cm: CostModel, lengths) -> None:
+        self.cm = cm
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        s = self.lengths.astype(np.float64)
+        self.degrees = degrees_upto(cm.max_degree)
+        self.cost = {d: {a: np.broadcast_to(np.asarray(cm.seq_cost(s, d, a), dtype=np.float64), s.shape)
+                         for a in cm.algorithms(d)} for d in self.degrees}
+        self.best = {d: np.min(np.stack(list(self.cost[d].values())), axis=0) for d in self.degrees}
+        #: float64 [n, degrees, ALGORITHMS]: cost; 1e30 (finite, so sums stay subtractable) where an
+        #: algorithm cannot run at that degree.
+        self.all = np.full((s.size, len(self.degrees), len(ALGORITHMS)), 1e30)
+        self.deg_index = {d: k for k, d in enumerate(self.degrees)}
+        for k, d in enumerate(self.degrees):
+            for a, c in self.cost[d].items():
+                self.all[:, k, ALGORITHMS.index(a)] = c
+        self.min_degree = np.array([cm.min_degree(int(x)) for x in self.lengths], dtype=np.int64)
+
+    def group(self, d: int, ids) -> tuple[float, str]:
+        """(seconds, algorithm) of the best algorithm for a group of degree d holding ``ids``."""
+        idx = np.asarray(ids, dtype=np.int64)
+        const = self.cm.group_const(d)
+        return min((const + float(c[idx].sum()), a) for a, c in self.cost[d].items())
+
+    def seq(self, i: int, d: int) -> dict[str, float]:
+        return {a: float(c[i]) for a, c in self.cost[d].items()}
+
+    def tokens(self, ids) -> int:
+        return int(self.lengths[np.asarray(ids, dtype=np.int64)].sum())

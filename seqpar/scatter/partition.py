@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from seqpar.scatter.costmodel import CostModel
+from seqpar.scatter.costmodel import CostModel, CostTable
 
 
 def bucket_lengths(lengths, q: int) -> list[tuple[int, list[int]]]:
@@ -34,18 +34,20 @@ def bucket_lengths(lengths, q: int) -> list[tuple[int, list[int]]]:
     c = counts.astype(np.float64)
     cc = np.concatenate([[0.0], np.cumsum(c)])
     cs = np.concatenate([[0.0], np.cumsum(c * v)])
-    inf = float("inf")
     # dp[k][j]: min padding of the first j distinct values in k buckets; bucket (i..j-1) costs
-    # (count) * v[j-1] - sum.
-    dp = np.full((q + 1, u + 1), inf)
+    # count x v[j-1] - sum. One (u+1) x (u+1) matrix per k, i < j only.
+    i_idx = np.arange(u + 1)[None, :]
+    j_idx = np.arange(u + 1)[:, None]
+    vj = np.concatenate([[0.0], v])[:, None]
+    seg = (cc[:, None] - cc[None, :]) * vj - (cs[:, None] - cs[None, :])  # [j, i]
+    seg = np.where(i_idx < j_idx, seg, np.inf)
+    dp = np.full((q + 1, u + 1), np.inf)
     arg = np.zeros((q + 1, u + 1), dtype=np.int64)
     dp[0][0] = 0.0
     for k in range(1, q + 1):
-        for j in range(1, u + 1):
-            i = np.arange(0, j)
-            cost = dp[k - 1][i] + (cc[j] - cc[i]) * v[j - 1] - (cs[j] - cs[i])
-            best = int(np.argmin(cost))
-            dp[k][j], arg[k][j] = cost[best], best
+        tot = dp[k - 1][None, :] + seg
+        arg[k] = np.argmin(tot, axis=1)
+        dp[k] = tot[np.arange(u + 1), arg[k]]
     out, j, k = [], u, q
     while j > 0:
         i = int(arg[k][j])
@@ -59,32 +61,43 @@ def padded_total(buckets: list[tuple[int, list[int]]]) -> int:
     return sum(m * len(ids) for m, ids in buckets)
 
 
-def adaptive_buckets(cm: CostModel, lengths, ids: list[int], q: int) -> list[tuple[int, list[int]]]:
-    """Buckets of the sequences ``ids``; q doubles while the padded total exceeds (actual + R*K) / 2.
-
-    Returned indices are the global sequence ids.
+def adaptive_buckets(cm: CostModel, lengths, ids: list[int], q: int, q_max: int = 64) -> list[tuple[int, list[int]]]:
+    """Buckets of the sequences ``ids``; q doubles while the padded total exceeds (actual + R*K) / 2,
+    up to q_max (the DP costs q x distinct^2 and the MILP grows with q; past it the MILP may find
+    the padded micro-batch infeasible and greedy is kept). Returned indices are global ids.
     """
     sub = [int(lengths[i]) for i in ids]
     actual = sum(sub)
     room = (actual + cm.world * cm.capacity) / 2
     while True:
         b = bucket_lengths(sub, q)
-        if padded_total(b) <= room or q >= len(sub):
+        if padded_total(b) <= room or q >= len(sub) or q >= q_max:
             return [(m, [ids[i] for i in members]) for m, members in b]
         q *= 2
 
 
-def seq_work(cm: CostModel, s: int, allow_degree1: bool = True) -> tuple[float, float]:
-    """(min rank-seconds d * seq_cost, min seconds group_time) of one sequence over feasible degrees."""
-    lo = max(cm.min_degree(s), 1 if allow_degree1 else 2)
-    best_w = best_t = float("inf")
-    d = lo
-    while d <= cm.max_degree:
-        c, _ = cm.best_seq_cost(s, d)
-        best_w = min(best_w, d * c)
-        best_t = min(best_t, c + cm.group_const(d))
-        d *= 2
-    return best_w, best_t
+def seq_work(tab: CostTable, allow_degree1: bool = True) -> list[tuple[float, float]]:
+    """Per sequence: (least rank-seconds d x cost, least seconds as a group of its own incl. b1, b2),
+    over the feasible degrees d >= minSP (and >= 2 without degree 1)."""
+    cm = tab.cm
+    n = len(tab.lengths)
+    w = np.full(n, np.inf)
+    t = np.full(n, np.inf)
+    for d in tab.degrees:
+        if d < (1 if allow_degree1 else 2):
+            continue
+        ok = tab.min_degree <= d
+        w = np.where(ok, np.minimum(w, d * tab.best[d]), w)
+        t = np.where(ok, np.minimum(t, tab.best[d] + cm.group_const(d)), t)
+    return list(zip(w.tolist(), t.tolist()))
+
+
+def rank_need(tab: CostTable) -> list[float]:
+    """Ranks a sequence occupies in a packing heuristic: minSP(s) when s > K (own group, rounded
+    up to a power of two), else s / K (short sequences share ranks). Chunks whose summed need
+    stays within R pack easily; it is a heuristic, not a bound (long sequences can share too)."""
+    K = tab.cm.capacity
+    return [float(d) if s > K else s / K for s, d in zip(tab.lengths.tolist(), tab.min_degree.tolist())]
 
 
 def min_microbatches(cm: CostModel, lengths) -> int:
@@ -92,36 +105,39 @@ def min_microbatches(cm: CostModel, lengths) -> int:
     return max(1, -(-int(sum(int(s) for s in lengths)) // (cm.world * cm.capacity)))
 
 
-def chunk_by_cost(cm: CostModel, lengths, m: int, allow_degree1: bool = True, work=None) -> list[list[int]] | None:
+def chunk_by_cost(cm: CostModel, lengths, m: int, work: list[tuple[float, float]],
+                  need: list[float] | None = None, fill: float = 1.0) -> list[list[int]] | None:
     """Cut the sequences (sorted descending) into at most m contiguous chunks minimising the
-    largest predicted cost b1 + max(sum work / R, longest single-sequence time); each chunk
-    holds at most R x K tokens. None when m chunks cannot hold them."""
+    largest predicted cost max(b1 + sum work / R, longest single-sequence time); each chunk
+    holds at most fill x R x K tokens (and, with ``need``, at most fill x R ranks of need).
+    None when m chunks cannot hold them."""
     n = len(lengths)
     order = sorted(range(n), key=lambda i: -int(lengths[i]))
-    if work is None:
-        work = [seq_work(cm, int(s), allow_degree1) for s in lengths]
-    cap = cm.world * cm.capacity
+    cap = fill * cm.world * cm.capacity
+    ranks = fill * cm.world
 
     def cost(w_sum: float, t_max: float) -> float:
-        return cm.b1 + max(w_sum / cm.world, t_max)
+        return max(cm.b1 + w_sum / cm.world, t_max)
 
     def fill(thr: float) -> list[list[int]] | None:
         chunks: list[list[int]] = []
         cur: list[int] = []
-        w_sum = t_max = 0.0
+        w_sum = t_max = nd = 0.0
         tokens = 0
         for i in order:
             w, t = work[i]
             s = int(lengths[i])
-            if cur and (tokens + s > cap or cost(w_sum + w, max(t_max, t)) > thr):
+            ni = need[i] if need is not None else 0.0
+            if cur and (tokens + s > cap or nd + ni > ranks or cost(w_sum + w, max(t_max, t)) > thr):
                 chunks.append(cur)
-                cur, w_sum, t_max, tokens = [], 0.0, 0.0, 0
+                cur, w_sum, t_max, tokens, nd = [], 0.0, 0.0, 0, 0.0
                 if len(chunks) >= m:
                     return None
             cur.append(i)
             w_sum += w
             t_max = max(t_max, t)
             tokens += s
+            nd += ni
         if cur:
             chunks.append(cur)
         return chunks if len(chunks) <= m else None
@@ -142,3 +158,28 @@ def chunk_by_cost(cm: CostModel, lengths, m: int, allow_degree1: bool = True, wo
         if hi - lo <= 1e-6 * hi:
             break
     return best
+
+
+def chunk_lpt(cm: CostModel, lengths, m: int, work: list[tuple[float, float]],
+              need: list[float] | None = None, fill: float = 1.0) -> list[list[int]] | None:
+    """Alternative chunking (ours, beside the spec's contiguous one): longest first to the chunk
+    with the least predicted cost that has room, so long and short sequences share micro-batches
+    (as static packing does). None when some sequence finds no chunk with room."""
+    cap = fill * cm.world * cm.capacity
+    ranks = fill * cm.world
+    chunks: list[list[int]] = [[] for _ in range(m)]
+    w_sum, t_max, tokens, nd = [0.0] * m, [0.0] * m, [0] * m, [0.0] * m
+    for i in sorted(range(len(lengths)), key=lambda i: -int(lengths[i])):
+        s = int(lengths[i])
+        w, t = work[i]
+        ni = need[i] if need is not None else 0.0
+        room = [k for k in range(m) if (tokens[k] + s <= cap and nd[k] + ni <= ranks) or not chunks[k]]
+        if not room:
+            return None
+        k = min(room, key=lambda k: max(cm.b1 + (w_sum[k] + w) / cm.world, t_max[k], t))
+        chunks[k].append(i)
+        w_sum[k] += w
+        t_max[k] = max(t_max[k], t)
+        tokens[k] += s
+        nd[k] += ni
+    return [c for c in chunks if c]

@@ -128,6 +128,19 @@ def _bad_ranks(local_ok: bool, group: dist.ProcessGroup, device: torch.device) -
     return [r for r, f in enumerate(flags.tolist()) if f > 0]
 
 
+def _check_same_bucket(bucket: int, step: int, group: dist.ProcessGroup, device: torch.device) -> None:
+    """Every rank must draw the same decomposition bucket (shared seeded schedule); collective."""
+    if dist.get_world_size(group) == 1:
+        return
+    t = torch.tensor([bucket, -bucket], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    if int(t[0]) != -int(t[1]):
+        raise TrainingError(
+            f"ranks drew different length buckets at step {step + 1} (from 2^{-int(t[1])} to 2^{int(t[0])}); "
+            "every rank must use the same data.path, seed and curriculum"
+        )
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     failures = getattr(e, "failures", None)
@@ -228,6 +241,8 @@ def train(cfg: Config) -> list[dict]:
         while step < cfg.train.steps:
             t0 = time.perf_counter()
             batches, doc_lengths = [], []
+            if step_data.by_step:
+                _check_same_bucket(step_data.source.step_bucket(step), step, groups.world, info.device)
             for s in step_data.rank_streams(step, consumed, groups.dp_rank, dims.dp):
                 mb = make_microbatch(s.tokens, s.cu_seqlens, info.device)
                 if dims.sp > 1:

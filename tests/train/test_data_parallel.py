@@ -100,3 +100,42 @@ def test_mfu_from_known_profile_and_none_on_cpu(dist_pool, small_store, tmp_path
     assert known["mfu"] == pytest.approx(known["tflops_per_s"] / 66.9, rel=1e-9)
     cpu = dist_pool(1).run(_records, base + [f"run.output_dir={tmp_path}/cpu"])[0][0]
     assert cpu["mfu"] is None and cpu["tflops_per_s"] > 0
+
+
+def _decompose(store, out):
+    from seqpar.data.decompose import decompose_store
+
+    decompose_store(store, out, min_log2=5, max_log2=8, progress=False)
+    return out
+
+
+def test_decomposed_data_trains_with_constant_targets_and_dp(dist_pool, small_store, tmp_path):
+    out = _decompose(small_store, str(tmp_path / "dd"))
+    base = [
+        f"data.path={out}",
+        "data.mode=decompose",
+        "data.seq_len=256",  # 2^max_log2
+        "data.tokens_per_step=1024",  # 4 streams of 2^8 targets each
+        "data.curriculum=grow_p2",
+        "model.dim=32",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "train.steps=4",
+        "logging.progress=false",
+    ]
+    one = dist_pool(1).run(_train, base + [f"run.output_dir={tmp_path}/one", "parallel.fsdp=false"])[0]
+    two = dist_pool(2).run(_train, base + [f"run.output_dir={tmp_path}/two", "parallel.sp=2", "parallel.ring=2"])
+    assert all(r[3] == 1024 for r in one)  # constant targets per step whatever the bucket
+    # Each piece of 2^k targets has 2^k + 1 tokens, so a step holds more tokens than targets.
+    assert all(r[2] > r[3] for r in one)
+    for r2, r1 in zip(two[0], one):
+        assert r2[2:] == r1[2:] and r2[0] == pytest.approx(r1[0], rel=1e-4)
+
+
+def test_decompose_mode_needs_a_matching_window(dist_pool, small_store, tmp_path):
+    out = _decompose(small_store, str(tmp_path / "dd"))
+    overrides = [f"data.path={out}", "data.mode=decompose", "data.seq_len=512", "data.tokens_per_step=1024",
+                 f"run.output_dir={tmp_path}/bad", "logging.progress=false"]
+    with pytest.raises(AssertionError, match="data.seq_len=512 must equal 2\\^max_log2 = 256"):
+        dist_pool(1).run(_train, overrides)

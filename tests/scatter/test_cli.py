@@ -1,0 +1,71 @@
+"""`seqpar plan`: JSON fields, text output, inputs and one-line errors (run in-process)."""
+
+import json
+
+import pytest
+
+from seqpar.launcher.cli import main
+
+
+def _run(capsys, *args):
+    code = main(["plan", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_has_the_documented_fields(tmp_path, capsys):
+    f = tmp_path / "lengths.txt"
+    f.write_text("# one length per line\n" + "\n".join(str(x) for x in [100000, 30000, 9000, 4000, 800, 800, 300] * 6) + "\n")
+    code, out, err = _run(capsys, "--lengths", str(f), "--world", "16", "--profile", "A100-40GB", "--json", "--time-limit", "0.3")
+    assert code == 0, err
+    obj = json.loads(out)
+    for key in ("predicted_step_s", "lower_bound_s", "gap", "solve_s", "num_microbatches", "plan", "baselines",
+                "memory_per_rank_gib"):
+        assert key in obj, key
+    assert set(obj["baselines"]) == {"static_best", "batch_adaptive", "greedy", "warm_start"}
+    assert isinstance(obj["baselines"]["static_best"]["degree"], int)
+    for b in obj["baselines"].values():
+        assert b["predicted_step_s"] >= obj["lower_bound_s"] - 1e-9
+    assert obj["lower_bound_s"] <= obj["predicted_step_s"] and obj["gap"] >= 0
+    assert obj["plan"]["version"] == 1 and len(obj["plan"]["micro_batches"]) == obj["num_microbatches"]
+    assert sorted(i for mb in obj["plan"]["micro_batches"] for g in mb for i in g["seq_ids"]) == list(range(42))
+    assert obj["memory_per_rank_gib"] <= 40
+
+
+def test_text_output_for_a_family_and_several_steps(capsys):
+    code, out, err = _run(capsys, "--dist", "wikipedia", "--world", "32", "--profile", "A100-40GB", "--model", "gpt-13b",
+                          "--batch-size", "64", "--steps", "2", "--time-limit", "0.2", "--max-len", "131072")
+    assert code == 0, err
+    for word in ("planner", "bound", "gap", "solve", "memory/rank", "static best", "batch-adaptive", "greedy", "mb  0"):
+        assert word in out, word
+
+
+def test_store_input(small_store, capsys):
+    code, out, err = _run(capsys, "--store", small_store, "--world", "8", "--profile", "A100-40GB", "--model", "llama-1b",
+                          "--batch-size", "32", "--json", "--time-limit", "0.2")
+    assert code == 0, err
+    assert json.loads(out)["sequences_per_step"] == [32]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dist", "lognormal", "--world", "8", "--profile", "nope"], "unknown hardware profile 'nope'"),
+    (["--dist", "lognormal", "--world", "8", "--profile", "A100-40GB", "--model", "gpt-2"], "--model 'gpt-2' is unknown"),
+    (["--dist", "lognormal", "--world", "8", "--profile", "cpu"], "no 'scatter_compute' section"),
+    (["--dist", "lognormal", "--world", "0", "--profile", "A100-40GB"], "--world=0 must be >= 1"),
+    (["--dist", "pareto", "--world", "16", "--profile", "A100-40GB", "--max-len", "1000000"], "split or drop it"),
+    (["--dist", "pareto", "--world", "2", "--profile", "A100-40GB"], "leave no room for activations"),
+])
+def test_errors_are_one_line(capsys, args, message):
+    code, out, err = _run(capsys, *args)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("seqpar: error: ") and message in lines[0], err
+
+
+def test_empty_lengths_file(tmp_path, capsys):
+    f = tmp_path / "empty.txt"
+    f.write_text("\n")
+    code, _, err = _run(capsys, "--lengths", str(f), "--world", "8", "--profile", "A100-40GB")
+    assert code == 2 and "empty batch" in err
+    f.write_text("12\nabc\n")
+    code, _, err = _run(capsys, "--lengths", str(f), "--world", "8", "--profile", "A100-40GB")
+    assert code == 2 and ":2: 'abc' is not an integer" in err
