@@ -146,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_decompose)
 
+    from seqpar.launcher.bench_cmd import add_bench_commands  # seqpar bench data
     from seqpar.launcher.plan_cmd import add_plan_commands  # seqpar plan, seqpar profile
 
     add_plan_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 
