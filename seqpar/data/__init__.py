@@ -8,4 +8,6 @@ loaded only when a store is opened or written):
 - ``prepare``: ``prepare(inputs, output, tokenizer, ...)``, ``read_metadata(prefix)``
 - ``corpus``: ``embedded_corpus(cache_dir, progress)``, the stdlib-sources default corpus
 - ``streams``: ``PackedStreams(store, mode, seq_len, seed, doc_mask)[i] -> Stream``
+- ``decompose``: ``decompose_store(prefix, output_dir, ...)``, ``load_manifest(dir)`` (dataset decomposition)
+- ``curriculum``: ``bucket_schedule(...)``, ``DecomposedBatches(dir, ...).step_streams(step)``
 """
