@@ -78,3 +78,18 @@ def test_error_does_not_grow_with_world_size(dist_pool):
         errs[world] = {n: max(r[0][n][0] for r in per_rank) for n in ("out", "dq", "dk", "dv")}
     for name in errs[2]:
         assert errs[8][name] <= 3 * errs[2][name] + 1e-7, (name, errs)
+
+
+LONG_CASES = {
+    # The spec's long documents: one odd length, and two documents around 2^13 (16K tokens).
+    4: [Case("ring", (3891,), heads=4, kv_heads=1, layout="zigzag"), Case("ulysses", (3891,), heads=4, kv_heads=2, layout="contiguous")],
+    2: [Case("ring", (8191, 8192), heads=1, kv_heads=1, layout="zigzag")],
+}
+
+
+@pytest.mark.parametrize("world", sorted(LONG_CASES))
+def test_sp_attention_long_documents(dist_pool, world):
+    cases = LONG_CASES[world]
+    results = dist_pool(world).run(run_cases, cases, timeout_s=900)
+    for i, case in enumerate(cases):
+        _check(case, [results[r][i] for r in range(world)])
