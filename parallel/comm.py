@@ -124,28 +124,18 @@ def _head_to_seq(x: torch.Tensor, counts: list[int], group, op_name: str) -> tor
     return recv.reshape(p, t, h, d).transpose(0, 1).reshape(t, p * h, d)
 
 
-class SeqToHead(torch.autograd.Function):
-    """Ulysses forward exchange; backward is the reverse exchange of the gradient."""
+class _Exchange(torch.autograd.Function):
+    """The Ulysses exchange in either direction; its backward is the other direction."""
 
     @staticmethod
-    def forward(ctx, x, counts, group, op_name):
-        ctx.counts, ctx.group, ctx.op_name = counts, group, op_name
-        return _seq_to_head(x, counts, group, op_name)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _head_to_seq(grad, ctx.counts, ctx.group, ctx.op_name), None, None, None
-
-
-class HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, counts, group, op_name):
-        ctx.counts, ctx.group, ctx.op_name = counts, group, op_name
-        return _head_to_seq(x, counts, group, op_name)
+    def forward(ctx, x, counts, group, op_name, to_heads):
+        ctx.counts, ctx.group, ctx.op_name, ctx.to_heads = counts, group, op_name, to_heads
+        return (_seq_to_head if to_heads else _head_to_seq)(x, counts, group, op_name)
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_to_head(grad, ctx.counts, ctx.group, ctx.op_name), None, None, None
+        reverse = _head_to_seq if ctx.to_heads else _seq_to_head
+        return reverse(grad, ctx.counts, ctx.group, ctx.op_name), None, None, None, None
 
 
 def seq_to_head(x: torch.Tensor, counts: Sequence[int], group: dist.ProcessGroup, op_name: str = "ulysses_a2a") -> torch.Tensor:
@@ -155,9 +145,9 @@ def seq_to_head(x: torch.Tensor, counts: Sequence[int], group: dist.ProcessGroup
     (T_me == counts[rank]). Returns [sum(counts), heads / P, D]: every rank's tokens in rank
     order, for this rank's head slice [rank * heads / P, (rank + 1) * heads / P).
     """
-    return SeqToHead.apply(x, list(counts), group, op_name)
+    return _Exchange.apply(x, list(counts), group, op_name, True)
 
 
 def head_to_seq(x: torch.Tensor, counts: Sequence[int], group: dist.ProcessGroup, op_name: str = "ulysses_a2a") -> torch.Tensor:
     """Inverse of :func:`seq_to_head`: [sum(counts), h, D] -> [counts[rank], P * h, D]."""
-    return HeadToSeq.apply(x, list(counts), group, op_name)
+    return _Exchange.apply(x, list(counts), group, op_name, False)

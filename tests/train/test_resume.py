@@ -158,11 +158,17 @@ def test_sigterm_checkpoints_and_exits_zero(small_store, tmp_path):
     proc = _launch(_overrides(small_store, run_dir, steps=10_000, interval=0))
     _wait_for_steps(run_dir, 2, proc)
     proc.send_signal(signal.SIGTERM)
+    out = _assert_stopped_with_checkpoint(proc, run_dir)
+    assert "SIGTERM received" in out
+
+
+def _assert_stopped_with_checkpoint(proc, run_dir):
+    """The run exits 0 and its only checkpoint is the last step it logged."""
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     last = max(_losses(run_dir))
     assert _checkpoints(run_dir) == [f"step_{last:06d}"]
-    assert "SIGTERM received" in out
+    return out
 
 
 def _child_with_rank(parent_pid, rank):
@@ -184,10 +190,7 @@ def test_sigusr1_on_one_rank_stops_all_ranks_together(small_store, tmp_path):
     rank1 = _child_with_rank(torchrun, 1)
     assert rank1 is not None
     os.kill(rank1, signal.SIGUSR1)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    last = max(_losses(run_dir))
-    assert _checkpoints(run_dir) == [f"step_{last:06d}"]
+    _assert_stopped_with_checkpoint(proc, run_dir)
 
 
 def test_sigterm_to_the_launcher_checkpoints_all_ranks_and_exits_zero(small_store, tmp_path):
@@ -195,10 +198,7 @@ def test_sigterm_to_the_launcher_checkpoints_all_ranks_and_exits_zero(small_stor
     proc = _launch(_overrides(small_store, run_dir, steps=10_000, interval=0), nproc=2)
     _wait_for_steps(run_dir, 2, proc)
     proc.send_signal(signal.SIGTERM)  # what Slurm or a user's kill sends to the job's main process
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    last = max(_losses(run_dir))
-    assert _checkpoints(run_dir) == [f"step_{last:06d}"]
+    _assert_stopped_with_checkpoint(proc, run_dir)
 
 
 def test_resume_false_refuses_to_overwrite_and_bad_checkpoint_is_one_line(small_store, tmp_path):
