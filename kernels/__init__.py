@@ -1,4 +1,4 @@
-"""seqpar.kernels: attention compute kernels (torch reference now, Triton later).
+"""seqpar.kernels: attention compute kernels: the torch reference (the oracle) and Triton (GPU).
 
 Imports torch only; never the seqpar core or seqpar.parallel.
 """

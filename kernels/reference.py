@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from seqpar.kernels.ranges import key_ranges
+
 # Upper bound for one [H, q_chunk, k_span] score block. Module-level so tests
 # can shrink it to exercise the chunking paths.
 SCORE_BLOCK_BYTES = 64 << 20
@@ -43,7 +45,7 @@ def _is_int(t: torch.Tensor) -> bool:
     return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
-def _validate(fn: str, q, k, v, q_doc, q_pos, k_doc, k_pos) -> tuple[int, int]:
+def validate_args(fn: str, q, k, v, q_doc, q_pos, k_doc, k_pos) -> tuple[int, int]:
     """Check the contract's shapes; returns (kv_heads, group size)."""
     if q.dim() != 3:
         raise ValueError(f"{fn}: q must be [tokens, heads, head_dim], got shape {tuple(q.shape)}")
@@ -70,34 +72,11 @@ def _validate(fn: str, q, k, v, q_doc, q_pos, k_doc, k_pos) -> tuple[int, int]:
     return kv_heads, heads // kv_heads
 
 
-def _is_sorted(x: torch.Tensor) -> bool:
-    return x.shape[0] < 2 or bool((x[1:] >= x[:-1]).all())
-
-
-def _key_ranges(q_doc, q_pos, k_doc, k_pos, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-query [lo, hi) covering every key the query can see, or None if unknown.
-
-    Needs k_doc sorted: then lo/hi bound the query's document. If keys are also
-    sorted by (doc, pos), causal queries stop at their own position, which
-    skips the upper triangle of each document.
-    """
-    if not _is_sorted(k_doc):
-        return None
-    kd, qd = k_doc.long().contiguous(), q_doc.long()
-    lo = torch.searchsorted(kd, qd, right=False)
-    if causal and int(torch.minimum(k_pos.min(), q_pos.min())) >= 0:
-        stride = int(torch.maximum(k_pos.max(), q_pos.max())) + 1
-        k_key = kd * stride + k_pos.long()  # lexicographic (doc, pos)
-        if _is_sorted(k_key):
-            return lo, torch.searchsorted(k_key, qd * stride + q_pos.long(), right=True)
-    return lo, torch.searchsorted(kd, qd, right=True)
-
-
 def _plan_chunks(q_doc, q_pos, k_doc, k_pos, causal: bool, heads: int, elem_bytes: int) -> list[Chunk]:
     """Split queries into chunks whose [heads, n, k_span] score block fits the budget.
 
     With sorted keys each chunk only looks at the key range its queries can see
-    (see _key_ranges), so a packed stream of many documents costs about
+    (see ranges.key_ranges), so a packed stream of many documents costs about
     sum(len_doc^2) instead of T^2. Returns (q_start, q_end, k_start, k_end).
     """
     tq, tk = q_doc.shape[0], k_doc.shape[0]
@@ -106,7 +85,7 @@ def _plan_chunks(q_doc, q_pos, k_doc, k_pos, causal: bool, heads: int, elem_byte
     if tk == 0:
         return [(0, tq, 0, 0)]
     budget = max(1, SCORE_BLOCK_BYTES // (heads * elem_bytes))  # n * k_span cells
-    ranges = _key_ranges(q_doc, q_pos, k_doc, k_pos, causal)
+    ranges = key_ranges(q_doc, q_pos, k_doc, k_pos, causal)
     if ranges is None:
         n = max(1, budget // tk)
         return [(i, min(tq, i + n), 0, tk) for i in range(0, tq, n)]
@@ -173,7 +152,7 @@ def block_attn_fwd(
     of the softmax denominator) in the compute dtype (fp32, or fp64 for fp64
     inputs). Rows with no visible key get out = 0, lse = -inf.
     """
-    kv_heads, group = _validate("block_attn_fwd", q, k, v, q_doc, q_pos, k_doc, k_pos)
+    kv_heads, group = validate_args("block_attn_fwd", q, k, v, q_doc, q_pos, k_doc, k_pos)
     tq, heads, dim = q.shape
     dtype = compute_dtype(q, k, v)
     out = torch.zeros(tq, heads, dim, dtype=dtype, device=q.device)
@@ -225,7 +204,7 @@ def block_attn_bwd(
     GQA gradients are summed over the query heads of each group. Rows with
     lse = -inf contribute nothing.
     """
-    kv_heads, group = _validate("block_attn_bwd", q, k, v, q_doc, q_pos, k_doc, k_pos)
+    kv_heads, group = validate_args("block_attn_bwd", q, k, v, q_doc, q_pos, k_doc, k_pos)
     tq, heads, dim = q.shape
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(

@@ -3,8 +3,15 @@ import os
 import sysconfig
 
 import pytest
+import torch
 
 from tests.support.dist import PoolFactory
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. Triton reads this when a
+# kernel is decorated (at import), so it must be set before anything imports seqpar.kernels.triton_*;
+# spawned test ranks inherit it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests must never pick up a user's cache or write into the home directory.
 os.environ.setdefault("SEQPAR_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache", "seqpar-cache"))

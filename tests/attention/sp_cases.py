@@ -32,11 +32,12 @@ class Case:
     layout: str = "zigzag"
     ulysses: int = 1  # hybrid only
     seed: int = 0
+    impl: str = "reference"  # kernels.attention for the distributed path and its single-process baseline
 
     def name(self) -> str:
         return (
             f"{self.algo}[{self.layout}{'' if self.algo != 'hybrid' else f' u{self.ulysses}'}] {list(self.seqlens)} "
-            f"h{self.heads}/{self.kv_heads} {'causal' if self.causal else 'full'} {self.dtype}"
+            f"h{self.heads}/{self.kv_heads} {'causal' if self.causal else 'full'} {self.dtype} {self.impl}"
         )
 
 
@@ -63,7 +64,7 @@ def _single(case: Case, q, k, v, dout, cu, scale, dtype):
     from seqpar.kernels.autograd import varlen_attention
 
     leaves = [x.to(dtype).requires_grad_(True) for x in (q, k, v)]
-    out, lse = varlen_attention(*leaves, cu, causal=case.causal, scale=scale, return_lse=True)
+    out, lse = varlen_attention(*leaves, cu, causal=case.causal, scale=scale, impl=case.impl, return_lse=True)
     out.backward(dout.to(dtype))
     return out.detach(), lse, *(x.grad for x in leaves)
 
@@ -92,7 +93,7 @@ def run_case(case: Case) -> dict:
     layout = build_layout(cu.numpy(), case.layout, ulysses=u, ring=r)
     sp_rank = dist.get_rank(groups.sp)
     local = [layout.shard(x, sp_rank).to(dtype).requires_grad_(True) for x in (q, k, v)]
-    kwargs = dict(layout=layout, causal=case.causal, softmax_scale=scale, return_lse=True)
+    kwargs = dict(layout=layout, causal=case.causal, softmax_scale=scale, return_lse=True, impl=case.impl)
     if case.algo == "ring":
         out, lse = ring_attn_varlen_func(*local, cu, group=groups.sp, **kwargs)
     elif case.algo == "ulysses":

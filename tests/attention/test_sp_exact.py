@@ -93,3 +93,20 @@ def test_sp_attention_long_documents(dist_pool, world):
     results = dist_pool(world).run(run_cases, cases, timeout_s=900)
     for i, case in enumerate(cases):
         _check(case, [results[r][i] for r in range(world)])
+
+
+def triton_matrix(world):
+    """Every distributed path through kernels.attention=triton (interpreted on CPU): causal GQA, zigzag."""
+    cases = [Case("ring", SHORT, heads=4, kv_heads=2), Case("ring", SMALL_DOCS, heads=4, kv_heads=1, causal=False),
+             Case("ulysses", SHORT, heads=4, kv_heads=2, layout="contiguous")]
+    if world == 4:
+        cases.append(Case("hybrid", SHORT, heads=4, kv_heads=2, ulysses=2))
+    return [Case(**{**c.__dict__, "impl": "triton"}) for c in cases]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sp_attention_with_triton_kernel(dist_pool, world):
+    cases = triton_matrix(world)
+    results = dist_pool(world).run(run_cases, cases, timeout_s=900)
+    for i, case in enumerate(cases):
+        _check(case, [results[r][i] for r in range(world)])

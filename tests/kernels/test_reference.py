@@ -386,12 +386,20 @@ def test_shape_errors():
         merge(out, lse, out, lse[:, :2])
 
 
-def test_dispatch():
+def test_dispatch(monkeypatch):
+    from seqpar.kernels import triton_attn
+
     assert resolve_impl("auto", torch.device("cpu")) == "reference"
-    assert resolve_impl("reference", torch.device("cpu")) == "reference"
+    assert resolve_impl("auto", "cuda") == "triton"
+    assert resolve_impl("reference", "cuda") == "reference"
     assert get_impl("reference") == (block_attn_fwd, block_attn_bwd)
-    with pytest.raises(NotImplementedError, match="triton is not available yet; use auto or reference"):
+    assert get_impl("triton") == (triton_attn.block_attn_fwd, triton_attn.block_attn_bwd)
+    assert resolve_impl("triton", "cuda") == "triton"
+    monkeypatch.setattr(triton_attn, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="triton needs a CUDA device .*TRITON_INTERPRET=1"):
         resolve_impl("triton", torch.device("cpu"))
+    monkeypatch.setattr(triton_attn, "interpreting", lambda: True)
+    assert resolve_impl("triton", "cpu") == "triton"
     with pytest.raises(ValueError, match="auto, triton, reference"):
         resolve_impl("flash", torch.device("cpu"))
     with pytest.raises(ValueError, match="auto, triton, reference"):
