@@ -1,6 +1,6 @@
 """seqpar.kernels: attention compute kernels: the torch reference (the oracle) and Triton (GPU).
 
-Imports torch only; never the seqpar core or seqpar.parallel.
+Imports torch and triton only; never the seqpar core or seqpar.parallel.
 """
 
 from seqpar.kernels.autograd import block_attention, varlen_attention

@@ -77,7 +77,9 @@ def _attn_fwd(
     IEEE: tl.constexpr, HAS_RANGES: tl.constexpr, RECORD: tl.constexpr,
 ):
     """out [Tq, H, D] fp32, lse [H, Tq] fp32 (natural log); grid (cdiv(Tq, BLOCK_M), H)."""
-    pid_m = tl.program_id(0)
+    # Last query tiles first: under a causal mask they have the most keys, and
+    # starting them early keeps the final wave of programs short.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -233,7 +235,7 @@ def _attn_bwd_dq(
     IEEE: tl.constexpr, HAS_RANGES: tl.constexpr,
 ):
     """dq [Tq, H, D] fp32 for one query tile and head; grid (cdiv(Tq, BLOCK_M), H)."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles first, as in the forward
     h = tl.program_id(1)
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
