@@ -13,66 +13,71 @@ import torch
 NOT_VISITED, EMPTY, FULL, PARTIAL = -1, 0, 1, 2
 
 
-def _is_sorted(x: torch.Tensor) -> bool:
-    return x.shape[0] < 2 or bool((x[1:] >= x[:-1]).all())
+def _sorted(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor on x's device: x is non-decreasing. No host sync."""
+    return (x[1:] >= x[:-1]).all()
 
 
-def _doc_pos_keys(a_doc, a_pos, b_doc, b_pos) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Lexicographic (doc, pos) as one int64 per token for both sides, or None with negative positions."""
-    if min(int(a_pos.min()), int(b_pos.min())) < 0:
-        return None
-    stride = max(int(a_pos.max()), int(b_pos.max())) + 1
-    return a_doc.long() * stride + a_pos.long(), b_doc.long() * stride + b_pos.long()
+def _lex(doc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(doc, pos) as one int64 ordered lexicographically; valid for 0 <= pos < 2^31."""
+    return doc.long() * (1 << 31) + pos.long()
 
 
-def key_ranges(q_doc, q_pos, k_doc, k_pos, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per query, [lo, hi) covering every key it can see; None if the keys are not sorted by document.
+def key_ranges(q_doc, q_pos, k_doc, k_pos, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, [lo, hi) covering every key it can see. q_doc, q_pos: [Tq] int; k_doc, k_pos: [Tk] int.
 
-    q_doc, q_pos: [Tq] int; k_doc, k_pos: [Tk] int. With keys also sorted by
-    (doc, pos), causal queries stop at their own position, which skips the upper
-    triangle of each document. Returns two int64 [Tq] tensors (on q_doc's device).
+    When keys are sorted by document, [lo, hi) is the query's document; when
+    they are also sorted by (doc, pos), causal queries stop at their own
+    position, which skips the upper triangle of each document. Otherwise the
+    whole key axis [0, Tk). Computed on the tensors' device without a host sync
+    (the sortedness tests select with torch.where), so kernels can call it per
+    launch. Returns two int64 [Tq] tensors.
     """
-    if q_doc.shape[0] == 0 or k_doc.shape[0] == 0 or not _is_sorted(k_doc):
-        return None
-    kd, qd = k_doc.long().contiguous(), q_doc.long()
-    lo = torch.searchsorted(kd, qd, right=False)
+    tk = k_doc.shape[0]
+    if q_doc.shape[0] == 0 or tk == 0:
+        zero = torch.zeros_like(q_doc, dtype=torch.long)
+        return zero, zero
+    kd, qd = k_doc.long().contiguous(), q_doc.long().contiguous()
+    ok = _sorted(kd)
+    lo = torch.where(ok, torch.searchsorted(kd, qd, right=False), 0)
+    hi = torch.searchsorted(kd, qd, right=True)
     if causal:
-        keys = _doc_pos_keys(k_doc, k_pos, q_doc, q_pos)
-        if keys is not None and _is_sorted(keys[0]):
-            return lo, torch.searchsorted(keys[0].contiguous(), keys[1], right=True)
-    return lo, torch.searchsorted(kd, qd, right=True)
+        k_key = _lex(k_doc, k_pos).contiguous()
+        lex_ok = ok & _sorted(k_key) & (k_pos.min() >= 0) & (q_pos.min() >= 0)
+        hi = torch.where(lex_ok, torch.searchsorted(k_key, _lex(q_doc, q_pos).contiguous(), right=True), hi)
+    return lo, torch.where(ok, hi, tk)
 
 
-def query_ranges(q_doc, q_pos, k_doc, k_pos, causal: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per key, [lo, hi) covering every query that can see it; None if the queries are not sorted by document.
+def query_ranges(q_doc, q_pos, k_doc, k_pos, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key, [lo, hi) covering every query that can see it: the mirror of key_ranges.
 
-    The mirror of key_ranges, for kernels that loop over queries for one key
-    block (the dK/dV backward). Returns two int64 [Tk] tensors.
+    For kernels that loop over queries for one key block (the dK/dV backward);
+    [0, Tq) when the queries are not sorted by document. Returns two int64 [Tk] tensors.
     """
-    if q_doc.shape[0] == 0 or k_doc.shape[0] == 0 or not _is_sorted(q_doc):
-        return None
-    qd, kd = q_doc.long().contiguous(), k_doc.long()
-    hi = torch.searchsorted(qd, kd, right=True)
+    tq = q_doc.shape[0]
+    if tq == 0 or k_doc.shape[0] == 0:
+        zero = torch.zeros_like(k_doc, dtype=torch.long)
+        return zero, zero
+    qd, kd = q_doc.long().contiguous(), k_doc.long().contiguous()
+    ok = _sorted(qd)
+    lo = torch.searchsorted(qd, kd, right=False)
+    hi = torch.where(ok, torch.searchsorted(qd, kd, right=True), tq)
     if causal:
-        keys = _doc_pos_keys(q_doc, q_pos, k_doc, k_pos)
-        if keys is not None and _is_sorted(keys[0]):
-            return torch.searchsorted(keys[0].contiguous(), keys[1], right=False), hi
-    return torch.searchsorted(qd, kd, right=False), hi
+        q_key = _lex(q_doc, q_pos).contiguous()
+        lex_ok = ok & _sorted(q_key) & (k_pos.min() >= 0) & (q_pos.min() >= 0)
+        lo = torch.where(lex_ok, torch.searchsorted(q_key, _lex(k_doc, k_pos).contiguous(), right=False), lo)
+    return torch.where(ok, lo, 0), hi
 
 
-def loop_bounds(ranges, n_outer: int, n_inner: int, block_outer: int, block_inner: int) -> tuple[list[int], list[int]]:
+def loop_bounds(ranges, n_outer: int, block_outer: int, block_inner: int) -> tuple[list[int], list[int]]:
     """Per outer tile, [start, stop) of the inner loop, start aligned down to block_inner.
 
-    ranges: the per-token (lo, hi) of key_ranges/query_ranges, or None for the
-    whole inner axis. This mirrors what the kernels compute from the same
-    tensors, so tile_classes can predict their visits.
+    ranges: the per-token (lo, hi) of key_ranges/query_ranges. This mirrors what
+    the kernels compute from the same tensors, so tile_classes can predict their visits.
     """
     starts, stops = [], []
     for b in range(0, n_outer, block_outer):
-        if ranges is None:
-            lo, hi = 0, n_inner
-        else:
-            lo, hi = int(ranges[0][b : b + block_outer].min()), int(ranges[1][b : b + block_outer].max())
+        lo, hi = int(ranges[0][b : b + block_outer].min()), int(ranges[1][b : b + block_outer].max())
         starts.append(lo // block_inner * block_inner)
         stops.append(hi)
     return starts, stops
@@ -104,7 +109,9 @@ def tile_classes(q_doc, q_pos, k_doc, k_pos, causal: bool, block_m: int, block_n
     """
     tq, tk = q_doc.shape[0], k_doc.shape[0]
     out = torch.full((-(-tq // block_m), -(-tk // block_n)), NOT_VISITED, dtype=torch.int8)
-    starts, stops = loop_bounds(key_ranges(q_doc, q_pos, k_doc, k_pos, causal), tq, tk, block_m, block_n)
+    if tq == 0 or tk == 0:
+        return out
+    starts, stops = loop_bounds(key_ranges(q_doc, q_pos, k_doc, k_pos, causal), tq, block_m, block_n)
     for i, (start, stop) in enumerate(zip(starts, stops)):
         q0, q1 = i * block_m, min(tq, (i + 1) * block_m)
         for k0 in range(start, stop, block_n):

@@ -85,12 +85,8 @@ def _plan_chunks(q_doc, q_pos, k_doc, k_pos, causal: bool, heads: int, elem_byte
     if tk == 0:
         return [(0, tq, 0, 0)]
     budget = max(1, SCORE_BLOCK_BYTES // (heads * elem_bytes))  # n * k_span cells
-    ranges = key_ranges(q_doc, q_pos, k_doc, k_pos, causal)
-    if ranges is None:
-        n = max(1, budget // tk)
-        return [(i, min(tq, i + n), 0, tk) for i in range(0, tq, n)]
     # On the host once, so the loop does not synchronise with an accelerator per chunk.
-    lo, hi = ranges[0].cpu(), ranges[1].cpu()
+    lo, hi = (x.cpu() for x in key_ranges(q_doc, q_pos, k_doc, k_pos, causal))
     chunks: list[Chunk] = []
     i = 0
     while i < tq:

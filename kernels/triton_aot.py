@@ -68,7 +68,7 @@ def compile_kernels(
         for cfg in configs if all_configs else configs[:1]:
             consts = dict(
                 GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal,
-                UPCAST=False, IEEE=dtype == "fp32", HAS_RANGES=True, **extra, **cfg.kwargs,
+                UPCAST=False, IEEE=dtype == "fp32", **extra, **cfg.kwargs,
             )
             src = ASTSource(
                 fn=fn,

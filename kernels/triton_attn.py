@@ -77,11 +77,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _range_args(ranges, device) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    if ranges is None:
-        dummy = torch.zeros(1, dtype=torch.int32, device=device)
-        return dummy, dummy, False
-    return ranges[0].to(torch.int32), ranges[1].to(torch.int32), True
+def _range_args(ranges) -> tuple[torch.Tensor, torch.Tensor]:
+    return ranges[0].to(torch.int32), ranges[1].to(torch.int32)
 
 
 def _common(q: torch.Tensor, group: int, causal: bool) -> dict:
@@ -126,13 +123,13 @@ def forward_with_tiles(q, k, v, q_doc, q_pos, k_doc, k_pos, *, causal: bool, sca
         return out, lse, classes
     q, k, v = _rows(q), _rows(k), _rows(v)
     qd, qp, kd, kp = _meta(q_doc), _meta(q_pos), _meta(k_doc), _meta(k_pos)
-    lo, hi, has_ranges = _range_args(key_ranges(qd, qp, kd, kp, causal), q.device)
+    lo, hi = _range_args(key_ranges(qd, qp, kd, kp, causal))
     args = (
         q, k, v, out, lse, qd, qp, kd, kp, lo, hi, classes if record else lo,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         tq, tkk, scale * LOG2E, classes.shape[1] if record else 1,
     )
-    kw = _common(q, group, causal) | dict(HAS_RANGES=has_ranges, RECORD=record)
+    kw = _common(q, group, causal) | dict(RECORD=record)
     _launch(tk._attn_fwd, _fwd_tuned, (tq, heads), "M", args, kw, tq.bit_length())
     return out, lse, classes
 
@@ -174,12 +171,12 @@ def block_attn_bwd(dout, q, k, v, out, lse, q_doc, q_pos, k_doc, k_pos, *, causa
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
     )
     kw = _common(q, group, causal)
-    qlo, qhi, has_q = _range_args(query_ranges(qd, qp, kd, kp, causal), q.device)
+    qlo, qhi = _range_args(query_ranges(qd, qp, kd, kp, causal))
     args = (q, k, v, dout, lse2, delta, dk, dv, qd, qp, kd, kp, qlo, qhi, *common, dk.stride(0), dk.stride(1),
             tq, tkk, scale * LOG2E, scale)
-    _launch(tk._attn_bwd_dkdv, _dkdv_tuned, (tkk, kv_heads), "N", args, kw | dict(HAS_RANGES=has_q), tq.bit_length())
-    klo, khi, has_k = _range_args(key_ranges(qd, qp, kd, kp, causal), q.device)
+    _launch(tk._attn_bwd_dkdv, _dkdv_tuned, (tkk, kv_heads), "N", args, kw, tq.bit_length())
+    klo, khi = _range_args(key_ranges(qd, qp, kd, kp, causal))
     args = (q, k, v, dout, lse2, delta, dq, qd, qp, kd, kp, klo, khi, *common, dq.stride(0), dq.stride(1),
             tq, tkk, scale * LOG2E, scale)
-    _launch(tk._attn_bwd_dq, _dq_tuned, (tq, heads), "M", args, kw | dict(HAS_RANGES=has_k), tq.bit_length())
+    _launch(tk._attn_bwd_dq, _dq_tuned, (tq, heads), "M", args, kw, tq.bit_length())
     return dq, dk, dv

@@ -12,8 +12,8 @@ shard layout works. Each visited tile is classified from the min/max of its
 tokens' documents and positions: EMPTY (skipped: no K/V load, no dot), FULL
 (one document, in bounds and, if causal, all keys at or before all queries: no
 mask computed) or PARTIAL (mask computed). The loop over the other axis is
-further bounded by per-token visible ranges computed on the host when the
-tokens are sorted by document (ranges.py).
+further bounded by per-token visible ranges (ranges.py: the query's document,
+and its causal prefix, when tokens are sorted; the whole axis otherwise).
 
 Scores are kept in log2 units (scale * log2(e) folded into q.k) so the
 exponentials are exp2.
@@ -74,7 +74,7 @@ def _attn_fwd(
     Tq, Tk, qk_scale, n_kb, len_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr, HAS_RANGES: tl.constexpr, RECORD: tl.constexpr,
+    IEEE: tl.constexpr, RECORD: tl.constexpr,
 ):
     """out [Tq, H, D] fp32, lse [H, Tq] fp32 (natural log); grid (cdiv(Tq, BLOCK_M), H)."""
     # Last query tiles first: under a causal mask they have the most keys, and
@@ -91,12 +91,8 @@ def _attn_fwd(
     q_pos = tl.load(QPos + offs_m, mask=q_valid, other=0)
     qd_min, qd_max, qp_min, qp_max = _minmax(q_doc, q_pos, q_valid)
     q_in = pid_m * BLOCK_M + BLOCK_M <= Tq
-    if HAS_RANGES:
-        lo = tl.min(tl.load(KLo + offs_m, mask=q_valid, other=_BIG), 0)
-        hi = tl.max(tl.load(KHi + offs_m, mask=q_valid, other=0), 0)
-    else:
-        lo = 0
-        hi = Tk
+    lo = tl.min(tl.load(KLo + offs_m, mask=q_valid, other=_BIG), 0)
+    hi = tl.max(tl.load(KHi + offs_m, mask=q_valid, other=0), 0)
     q = tl.load(
         Q + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
         mask=q_valid[:, None] & d_valid[None, :], other=0.0,
@@ -159,7 +155,7 @@ def _attn_bwd_dkdv(
     Tq, Tk, qk_scale, sm_scale, len_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr, HAS_RANGES: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """dk, dv [Tk, Hkv, D] fp32 for one key tile, summed over the GROUP query heads; grid (cdiv(Tk, BLOCK_N), Hkv).
 
@@ -178,12 +174,8 @@ def _attn_bwd_dkdv(
     k_pos = tl.load(KPos + offs_k, mask=k_valid, other=0)
     kd_min, kd_max, kp_min, kp_max = _minmax(k_doc, k_pos, k_valid)
     k_in = pid_n * BLOCK_N + BLOCK_N <= Tk
-    if HAS_RANGES:
-        lo = tl.min(tl.load(QLo + offs_k, mask=k_valid, other=_BIG), 0)
-        hi = tl.max(tl.load(QHi + offs_k, mask=k_valid, other=0), 0)
-    else:
-        lo = 0
-        hi = Tq
+    lo = tl.min(tl.load(QLo + offs_k, mask=k_valid, other=_BIG), 0)
+    hi = tl.max(tl.load(QHi + offs_k, mask=k_valid, other=0), 0)
     k = tl.load(K + offs_k[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=kd_mask, other=0.0)
     v = tl.load(V + offs_k[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=kd_mask, other=0.0)
     if UPCAST:
@@ -232,7 +224,7 @@ def _attn_bwd_dq(
     Tq, Tk, qk_scale, sm_scale, len_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr, HAS_RANGES: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """dq [Tq, H, D] fp32 for one query tile and head; grid (cdiv(Tq, BLOCK_M), H)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest tiles first, as in the forward
@@ -248,12 +240,8 @@ def _attn_bwd_dq(
     q_pos = tl.load(QPos + offs_m, mask=q_valid, other=0)
     qd_min, qd_max, qp_min, qp_max = _minmax(q_doc, q_pos, q_valid)
     q_in = pid_m * BLOCK_M + BLOCK_M <= Tq
-    if HAS_RANGES:
-        lo = tl.min(tl.load(KLo + offs_m, mask=q_valid, other=_BIG), 0)
-        hi = tl.max(tl.load(KHi + offs_m, mask=q_valid, other=0), 0)
-    else:
-        lo = 0
-        hi = Tk
+    lo = tl.min(tl.load(KLo + offs_m, mask=q_valid, other=_BIG), 0)
+    hi = tl.max(tl.load(KHi + offs_m, mask=q_valid, other=0), 0)
     q = tl.load(Q + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
     if UPCAST:
