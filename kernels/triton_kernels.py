@@ -48,6 +48,32 @@ def _minmax(doc, pos, valid):
 
 
 @triton.jit
+def _tile_meta(Doc, Pos, offs, valid):
+    """Documents and positions of one tile's tokens, with their (doc min, doc max, pos min, pos max)."""
+    doc = tl.load(Doc + offs, mask=valid, other=0)
+    pos = tl.load(Pos + offs, mask=valid, other=0)
+    d_min, d_max, p_min, p_max = _minmax(doc, pos, valid)
+    return doc, pos, d_min, d_max, p_min, p_max
+
+
+@triton.jit
+def _span(Lo, Hi, offs, valid):
+    """[lo, hi) of the other axis covering what any token of this tile can see (ranges.py)."""
+    lo = tl.min(tl.load(Lo + offs, mask=valid, other=_BIG), 0)
+    hi = tl.max(tl.load(Hi + offs, mask=valid, other=0), 0)
+    return lo, hi
+
+
+@triton.jit
+def _rows(Ptr, offs, stride_t, head_offset, offs_d, mask, UPCAST: tl.constexpr):
+    """[len(offs), BLOCK_D] rows of one head; fp32 when UPCAST (the interpreter's bf16 is wrong)."""
+    x = tl.load(Ptr + offs[:, None] * stride_t + head_offset + offs_d[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _classify(qd_min, qd_max, qp_min, qp_max, kd_min, kd_max, kp_min, kp_max, in_bounds, CAUSAL: tl.constexpr):
     """(busy, full): busy is False for an EMPTY tile; full marks a tile that needs no mask."""
     busy = (kd_min <= qd_max) & (kd_max >= qd_min)
@@ -87,27 +113,17 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     q_valid = offs_m < Tq
     d_valid = offs_d < HEAD_DIM
-    q_doc = tl.load(QDoc + offs_m, mask=q_valid, other=0)
-    q_pos = tl.load(QPos + offs_m, mask=q_valid, other=0)
-    qd_min, qd_max, qp_min, qp_max = _minmax(q_doc, q_pos, q_valid)
+    q_doc, q_pos, qd_min, qd_max, qp_min, qp_max = _tile_meta(QDoc, QPos, offs_m, q_valid)
     q_in = pid_m * BLOCK_M + BLOCK_M <= Tq
-    lo = tl.min(tl.load(KLo + offs_m, mask=q_valid, other=_BIG), 0)
-    hi = tl.max(tl.load(KHi + offs_m, mask=q_valid, other=0), 0)
-    q = tl.load(
-        Q + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-        mask=q_valid[:, None] & d_valid[None, :], other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
+    lo, hi = _span(KLo, KHi, offs_m, q_valid)
+    q = _rows(Q, offs_m, stride_qt, h * stride_qh, offs_d, q_valid[:, None] & d_valid[None, :], UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         offs_k = k0 + offs_n
         k_valid = offs_k < Tk
-        k_doc = tl.load(KDoc + offs_k, mask=k_valid, other=0)
-        k_pos = tl.load(KPos + offs_k, mask=k_valid, other=0)
-        kd_min, kd_max, kp_min, kp_max = _minmax(k_doc, k_pos, k_valid)
+        k_doc, k_pos, kd_min, kd_max, kp_min, kp_max = _tile_meta(KDoc, KPos, offs_k, k_valid)
         busy, full = _classify(
             qd_min, qd_max, qp_min, qp_max, kd_min, kd_max, kp_min, kp_max, q_in & (k0 + BLOCK_N <= Tk), CAUSAL
         )
@@ -115,17 +131,9 @@ def _attn_fwd(
             tile = tl.where(busy, tl.where(full, 1, 2), 0)
             tl.store(Classes + pid_m * n_kb + k0 // BLOCK_N, tile.to(tl.int8))
         if busy:
-            k = tl.load(
-                K + offs_k[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
-                mask=k_valid[:, None] & d_valid[None, :], other=0.0,
-            )
-            v = tl.load(
-                V + offs_k[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
-                mask=k_valid[:, None] & d_valid[None, :], other=0.0,
-            )
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            kd_mask = k_valid[:, None] & d_valid[None, :]
+            k = _rows(K, offs_k, stride_kt, hk * stride_kh, offs_d, kd_mask, UPCAST)
+            v = _rows(V, offs_k, stride_vt, hk * stride_vh, offs_d, kd_mask, UPCAST)
             s = _dot(q, tl.trans(k), IEEE) * qk_scale
             if not full:
                 s = tl.where(_visible(q_doc, q_pos, k_doc, k_pos, q_valid, k_valid, CAUSAL), s, float("-inf"))
@@ -170,39 +178,26 @@ def _attn_bwd_dkdv(
     k_valid = offs_k < Tk
     d_valid = offs_d < HEAD_DIM
     kd_mask = k_valid[:, None] & d_valid[None, :]
-    k_doc = tl.load(KDoc + offs_k, mask=k_valid, other=0)
-    k_pos = tl.load(KPos + offs_k, mask=k_valid, other=0)
-    kd_min, kd_max, kp_min, kp_max = _minmax(k_doc, k_pos, k_valid)
+    k_doc, k_pos, kd_min, kd_max, kp_min, kp_max = _tile_meta(KDoc, KPos, offs_k, k_valid)
     k_in = pid_n * BLOCK_N + BLOCK_N <= Tk
-    lo = tl.min(tl.load(QLo + offs_k, mask=k_valid, other=_BIG), 0)
-    hi = tl.max(tl.load(QHi + offs_k, mask=k_valid, other=0), 0)
-    k = tl.load(K + offs_k[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(V + offs_k[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=kd_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    lo, hi = _span(QLo, QHi, offs_k, k_valid)
+    k = _rows(K, offs_k, stride_kt, hk * stride_kh, offs_d, kd_mask, UPCAST)
+    v = _rows(V, offs_k, stride_vt, hk * stride_vh, offs_d, kd_mask, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for q0 in range(lo // BLOCK_M * BLOCK_M, hi, BLOCK_M):
         offs_m = q0 + offs_m0
         q_valid = offs_m < Tq
         qd_mask = q_valid[:, None] & d_valid[None, :]
-        q_doc = tl.load(QDoc + offs_m, mask=q_valid, other=0)
-        q_pos = tl.load(QPos + offs_m, mask=q_valid, other=0)
-        qd_min, qd_max, qp_min, qp_max = _minmax(q_doc, q_pos, q_valid)
+        q_doc, q_pos, qd_min, qd_max, qp_min, qp_max = _tile_meta(QDoc, QPos, offs_m, q_valid)
         busy, full = _classify(
             qd_min, qd_max, qp_min, qp_max, kd_min, kd_max, kp_min, kp_max, k_in & (q0 + BLOCK_M <= Tq), CAUSAL
         )
         if busy:
             for g in range(GROUP):
                 h = hk * GROUP + g
-                q = tl.load(Q + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
-                do = tl.load(
-                    DO + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0
-                )
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
+                q = _rows(Q, offs_m, stride_qt, h * stride_qh, offs_d, qd_mask, UPCAST)
+                do = _rows(DO, offs_m, stride_dot, h * stride_doh, offs_d, qd_mask, UPCAST)
                 lse2 = tl.load(Lse2 + h * Tq + offs_m, mask=q_valid, other=float("inf"))
                 delta = tl.load(Delta + h * Tq + offs_m, mask=q_valid, other=0.0)
                 p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None])
@@ -236,36 +231,25 @@ def _attn_bwd_dq(
     q_valid = offs_m < Tq
     d_valid = offs_d < HEAD_DIM
     qd_mask = q_valid[:, None] & d_valid[None, :]
-    q_doc = tl.load(QDoc + offs_m, mask=q_valid, other=0)
-    q_pos = tl.load(QPos + offs_m, mask=q_valid, other=0)
-    qd_min, qd_max, qp_min, qp_max = _minmax(q_doc, q_pos, q_valid)
+    q_doc, q_pos, qd_min, qd_max, qp_min, qp_max = _tile_meta(QDoc, QPos, offs_m, q_valid)
     q_in = pid_m * BLOCK_M + BLOCK_M <= Tq
-    lo = tl.min(tl.load(KLo + offs_m, mask=q_valid, other=_BIG), 0)
-    hi = tl.max(tl.load(KHi + offs_m, mask=q_valid, other=0), 0)
-    q = tl.load(Q + offs_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    lo, hi = _span(KLo, KHi, offs_m, q_valid)
+    q = _rows(Q, offs_m, stride_qt, h * stride_qh, offs_d, qd_mask, UPCAST)
+    do = _rows(DO, offs_m, stride_dot, h * stride_doh, offs_d, qd_mask, UPCAST)
     lse2 = tl.load(Lse2 + h * Tq + offs_m, mask=q_valid, other=float("inf"))
     delta = tl.load(Delta + h * Tq + offs_m, mask=q_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         offs_k = k0 + offs_n
         k_valid = offs_k < Tk
-        k_doc = tl.load(KDoc + offs_k, mask=k_valid, other=0)
-        k_pos = tl.load(KPos + offs_k, mask=k_valid, other=0)
-        kd_min, kd_max, kp_min, kp_max = _minmax(k_doc, k_pos, k_valid)
+        k_doc, k_pos, kd_min, kd_max, kp_min, kp_max = _tile_meta(KDoc, KPos, offs_k, k_valid)
         busy, full = _classify(
             qd_min, qd_max, qp_min, qp_max, kd_min, kd_max, kp_min, kp_max, q_in & (k0 + BLOCK_N <= Tk), CAUSAL
         )
         if busy:
             kd_mask = k_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + offs_k[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=kd_mask, other=0.0)
-            v = tl.load(V + offs_k[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=kd_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _rows(K, offs_k, stride_kt, hk * stride_kh, offs_d, kd_mask, UPCAST)
+            v = _rows(V, offs_k, stride_vt, hk * stride_vh, offs_d, kd_mask, UPCAST)
             p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None])
             if not full:
                 p = tl.where(_visible(q_doc, q_pos, k_doc, k_pos, q_valid, k_valid, CAUSAL), p, 0.0)
