@@ -68,10 +68,23 @@ def pack_groups(tab: CostTable, ids: list[int], allow_degree1: bool = True, all_
             g = min(cands, key=lambda g: tab.group(g[0], g[1] + [i])[0])
         g[1].append(i)
         g[2] += s
-    while used < R:  # grow: double the slowest group that the spare ranks allow
-        grow = [g for g in groups if g[0] <= R - used and 2 * g[0] <= cm.max_degree]
-        if grow:
-            g = max(grow, key=lambda g: tab.group(g[0], g[1])[0])
+    used = grow(tab, groups, used, lo)
+    if all_busy and used != R:
+        return None
+    return [(g[0], list(g[1])) for g in groups]
+
+
+def grow(tab: CostTable, groups: list[list], used: int, lo: int = 1) -> int:
+    """Hand the free ranks (R - used) to the groups [degree, ids, tokens], in place: double the
+    slowest group the free ranks allow; when none can double (R not a power of two), a new
+    group of the largest free power of two takes the shortest sequence of the slowest group
+    holding two or more. Returns the ranks used afterwards (R unless nothing could move)."""
+    cm, L = tab.cm, tab.lengths
+    R, K = cm.world, cm.capacity
+    while used < R:  # double the slowest group that the free ranks allow
+        cands = [g for g in groups if g[0] <= R - used and 2 * g[0] <= cm.max_degree]
+        if cands:
+            g = max(cands, key=lambda g: tab.group(g[0], g[1])[0])
             used += g[0]
             g[0] *= 2
             continue
@@ -88,9 +101,7 @@ def pack_groups(tab: CostTable, ids: list[int], allow_degree1: bool = True, all_
         g[2] -= int(L[i])
         groups.append([p, [i], int(L[i])])
         used += p
-    if all_busy and used != R:
-        return None
-    return [(g[0], list(g[1])) for g in groups]
+    return used
 
 
 def _halve(tab: CostTable, d: int, ids: list[int]) -> tuple[list[int], list[int]] | None:

@@ -1,7 +1,7 @@
 """Sequence bucketing and micro-batch chunking for the planner (pure).
 
     buckets = bucket_lengths([100, 120, 5000, 5100], q=2)   # [(120, [0, 1]), (5100, [2, 3])]
-    chunks = chunk_by_cost(cm, lengths, m=3)                  # lists of sequence ids, or None
+    chunks = chunk_by_cost(cm, lengths, 3, seq_work(tab))     # lists of sequence ids, or None
 
 Bucketing: a DP over sorted lengths into Q contiguous buckets minimising the padding sum of
 (bucket max - length), so the MILP works on Q bucket counts instead of one variable per
@@ -92,65 +92,54 @@ def seq_work(tab: CostTable, allow_degree1: bool = True) -> list[tuple[float, fl
     return list(zip(w.tolist(), t.tolist()))
 
 
-def rank_need(tab: CostTable) -> list[float]:
-    """Ranks a sequence occupies in a packing heuristic: minSP(s) when s > K (own group, rounded
-    up to a power of two), else s / K (short sequences share ranks). Chunks whose summed need
-    stays within R pack easily; it is a heuristic, not a bound (long sequences can share too)."""
-    K = tab.cm.capacity
-    return [float(d) if s > K else s / K for s, d in zip(tab.lengths.tolist(), tab.min_degree.tolist())]
-
-
 def min_microbatches(cm: CostModel, lengths) -> int:
     """M_min = ceil(total tokens / (R x K))."""
     return max(1, -(-int(sum(int(s) for s in lengths)) // (cm.world * cm.capacity)))
 
 
 def chunk_by_cost(cm: CostModel, lengths, m: int, work: list[tuple[float, float]],
-                  need: list[float] | None = None, fill: float = 1.0) -> list[list[int]] | None:
+                  fill: float = 1.0) -> list[list[int]] | None:
     """Cut the sequences (sorted descending) into at most m contiguous chunks minimising the
     largest predicted cost max(b1 + sum work / R, longest single-sequence time); each chunk
-    holds at most fill x R x K tokens (and, with ``need``, at most fill x R ranks of need).
-    None when m chunks cannot hold them."""
+    holds at most fill x R x K tokens. None when m chunks cannot hold them. (The spec's
+    chunking: the greedy baseline and the planner's fallback; see ``levels`` for the default.)"""
     n = len(lengths)
     order = sorted(range(n), key=lambda i: -int(lengths[i]))
     cap = fill * cm.world * cm.capacity
-    ranks = fill * cm.world
 
     def cost(w_sum: float, t_max: float) -> float:
         return max(cm.b1 + w_sum / cm.world, t_max)
 
-    def fill(thr: float) -> list[list[int]] | None:
+    def cut(thr: float) -> list[list[int]] | None:
         chunks: list[list[int]] = []
         cur: list[int] = []
-        w_sum = t_max = nd = 0.0
+        w_sum = t_max = 0.0
         tokens = 0
         for i in order:
             w, t = work[i]
             s = int(lengths[i])
-            ni = need[i] if need is not None else 0.0
-            if cur and (tokens + s > cap or nd + ni > ranks or cost(w_sum + w, max(t_max, t)) > thr):
+            if cur and (tokens + s > cap or cost(w_sum + w, max(t_max, t)) > thr):
                 chunks.append(cur)
-                cur, w_sum, t_max, tokens, nd = [], 0.0, 0.0, 0, 0.0
+                cur, w_sum, t_max, tokens = [], 0.0, 0.0, 0
                 if len(chunks) >= m:
                     return None
             cur.append(i)
             w_sum += w
             t_max = max(t_max, t)
             tokens += s
-            nd += ni
         if cur:
             chunks.append(cur)
         return chunks if len(chunks) <= m else None
 
     total_w = sum(w for w, _ in work)
     hi = cost(total_w, max(t for _, t in work)) + 1e-9
-    best = fill(hi)
+    best = cut(hi)
     if best is None:
         return None
     lo = cm.b1 + total_w / (cm.world * m)
     for _ in range(40):
         mid = (lo + hi) / 2
-        got = fill(mid)
+        got = cut(mid)
         if got is None:
             lo = mid
         else:
@@ -158,28 +147,3 @@ def chunk_by_cost(cm: CostModel, lengths, m: int, work: list[tuple[float, float]
         if hi - lo <= 1e-6 * hi:
             break
     return best
-
-
-def chunk_lpt(cm: CostModel, lengths, m: int, work: list[tuple[float, float]],
-              need: list[float] | None = None, fill: float = 1.0) -> list[list[int]] | None:
-    """Alternative chunking (ours, beside the spec's contiguous one): longest first to the chunk
-    with the least predicted cost that has room, so long and short sequences share micro-batches
-    (as static packing does). None when some sequence finds no chunk with room."""
-    cap = fill * cm.world * cm.capacity
-    ranks = fill * cm.world
-    chunks: list[list[int]] = [[] for _ in range(m)]
-    w_sum, t_max, tokens, nd = [0.0] * m, [0.0] * m, [0] * m, [0.0] * m
-    for i in sorted(range(len(lengths)), key=lambda i: -int(lengths[i])):
-        s = int(lengths[i])
-        w, t = work[i]
-        ni = need[i] if need is not None else 0.0
-        room = [k for k in range(m) if (tokens[k] + s <= cap and nd[k] + ni <= ranks) or not chunks[k]]
-        if not room:
-            return None
-        k = min(room, key=lambda k: max(cm.b1 + (w_sum[k] + w) / cm.world, t_max[k], t))
-        chunks[k].append(i)
-        w_sum[k] += w
-        t_max[k] = max(t_max[k], t)
-        tokens[k] += s
-        nd[k] += ni
-    return [c for c in chunks if c]

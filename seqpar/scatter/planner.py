@@ -1,18 +1,25 @@
-"""The step planner: chunking, bucketing, MILP group assignment, lower bound (pure).
+"""The step planner: micro-batches, group assignment, cross-micro-batch search, bound (pure).
 
     cm = build_cost_model(load_profile("A100-40GB"), resolve_model("gpt-7b"), world=64)
     res = plan_step(cm, lengths)                 # PlanResult
     res.plan.validate(lengths, cm.capacity)
     print(res.predicted_step_s, res.lower_bound_s, res.gap, res.solve_s)
 
-Steps (specs/adaptive-scattering.md): M starts at ceil(total / (R K)) and rises until every
-micro-batch is feasible; a few M are tried and the least summed greedy makespan kept; each
-micro-batch is bucketed and solved on HiGHS warm-started from greedy under a time limit; greedy
-is always the fallback. World sizes that are not powers of two are supported: groups have
-power-of-two degrees laid in decreasing degree, so they stay aligned; the largest group is the
-largest power of two <= world. When ``all_busy`` cannot be met (a micro-batch with too few
-sequences to occupy every rank of such a world), the planner lets ranks idle instead of failing
-and reports ``stats["all_busy"] = False``.
+Steps (specs/adaptive-scattering.md, with our changes marked): micro-batches are built as
+levels (``levels``: the longest sequence sets a micro-batch's makespan, shorter ones fill the
+time and memory beside it; ours, replacing the spec's contiguous chunking, which left micro-
+batches 24-44% empty in memory or full of short sequences in 32-rank groups); a cross-micro-
+batch local search (``refine``: pour sequences into idle rank-time, dissolve micro-batches)
+follows; a second level build with a longer target makespan is tried when time allows; then
+each micro-batch goes to the MILP on HiGHS warm-started from its groups with the time left,
+and the MILP's groups are kept only when faster. The spec's contiguous chunking with the
+greedy is the fallback when a level micro-batch cannot occupy every rank.
+
+World sizes that are not powers of two are supported: groups have power-of-two degrees laid in
+decreasing degree, so they stay aligned; the largest group is the largest power of two <= world.
+When ``all_busy`` cannot be met (a micro-batch with too few sequences to occupy every rank of
+such a world), the planner lets ranks idle instead of failing and reports
+``stats["all_busy"] = False``.
 """
 
 from __future__ import annotations
@@ -20,27 +27,30 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from seqpar.scatter.costmodel import CostModel, CostTable
 from seqpar.scatter.greedy import Groups, evaluate_groups, greedy_groups, improve
+from seqpar.scatter.levels import complete_groups, level_microbatches
 from seqpar.scatter.milp import solve_groups
-from seqpar.scatter.partition import adaptive_buckets, chunk_by_cost, chunk_lpt, min_microbatches, rank_need, seq_work
+from seqpar.scatter.partition import adaptive_buckets, chunk_by_cost, min_microbatches, seq_work
 from seqpar.scatter.plan import Plan, PlanError, lay_out
+from seqpar.scatter.refine import refine_step
 
 
 @dataclass
 class PlannerOptions:
-    """buckets: initial Q; allow_degree1: groups of one rank; all_busy: every rank works in every
-    micro-batch; time_limit_s: HiGHS budget for the whole step; extra_microbatches: further M
-    tried above the first feasible one; fills: extra chunk fill factors (share of R x K tokens
-    and of R ranks of need) tried, since full micro-batches pack badly; use_milp: False gives
-    the greedy planner."""
+    """buckets: initial Q of the MILP; allow_degree1: groups of one rank; all_busy: every rank
+    works in every micro-batch; time_limit_s: wall-clock budget of the whole step (the first
+    level build and its search always run; further builds and the MILP only within it);
+    averages: target-makespan factors of the level builds, in order (``levels``); use_milp:
+    False stops after the heuristics (the MILP's warm start)."""
 
     buckets: int = 16
     allow_degree1: bool = True
     all_busy: bool = True
     time_limit_s: float = 1.0
-    extra_microbatches: int = 1
-    fills: tuple[float, ...] = (0.85,)
+    averages: tuple[float, ...] = (1.0, 1.35)
     use_milp: bool = True
 
 
@@ -114,91 +124,103 @@ def groups_to_plan(tab: CostTable, micro: list[Groups]) -> Plan:
     return Plan(world=cm.world, micro_batches=mbs, predicted_step_s=sum(times), micro_batch_s=times)
 
 
-def greedy_microbatches(tab: CostTable, opts: PlannerOptions, work) -> list[Groups]:
-    """Chunk + greedy for several M; keep the least summed makespan.
+def _step_time(tab: CostTable, micro: list[Groups]) -> float:
+    return sum(evaluate_groups(tab, g)[0] for g in micro)
 
-    Candidate families, each from its first M upwards until ``extra_microbatches + 1`` values
-    of M were feasible (M rises past infeasible ones): token-capped chunks from M_min; chunks
-    that also keep the packing heuristic's rank need within R, from max(M_min, ceil(need / R));
-    and the latter filled only to each of ``opts.fills`` (emptier micro-batches pack better).
-    Both chunkers are tried at each M.
-    """
+
+def level_plan(tab: CostTable, opts: PlannerOptions, work: np.ndarray, average: float,
+               deadline: float = float("inf")) -> list[Groups] | None:
+    """Level micro-batches, completed onto every rank, then the cross-micro-batch search;
+    None when some micro-batch cannot occupy every rank (``all_busy``)."""
+    micro = [complete_groups(tab, g, opts.allow_degree1, opts.all_busy)
+             for g in level_microbatches(tab, work, average, opts.allow_degree1)]
+    if any(g is None for g in micro):
+        return None
+    return refine_step(tab, micro, opts.allow_degree1, opts.all_busy, deadline=deadline)
+
+
+def chunked_plan(tab: CostTable, opts: PlannerOptions, work) -> list[Groups] | None:
+    """The spec's chunking: contiguous chunks by predicted cost from M_min upwards until the
+    greedy places every chunk; the fallback when level micro-batches cannot keep all ranks busy."""
     cm, lengths = tab.cm, tab.lengths
-    n = len(lengths)
-    m_min = min_microbatches(cm, lengths)
-    need = rank_need(tab)
+    for m in range(min_microbatches(cm, lengths), len(lengths) + 1):
+        chunks = chunk_by_cost(cm, lengths, m, work)
+        if chunks is None:
+            continue
+        micro = [greedy_groups(tab, c, opts.allow_degree1, opts.all_busy) for c in chunks]
+        if all(g is not None for g in micro):
+            return micro
+    return None
+
+
+def heuristic_plan(tab: CostTable, opts: PlannerOptions, work, deadline: float) -> list[Groups] | None:
+    """The best of the level builds (``opts.averages``; the first always, each further one
+    only when the previous build's duration still fits before ``deadline``; their searches
+    stop at ``deadline``) and, only when those fail, the spec's chunking."""
+    w = np.array([x for x, _ in work], dtype=np.float64)
     best, best_t = None, float("inf")
+    took = 0.0
+    for k, average in enumerate(opts.averages):
+        start = time.perf_counter()
+        if k and start + took > deadline:  # the next build would likely overrun the budget
+            break
+        micro = level_plan(tab, opts, w, average, deadline)
+        took = time.perf_counter() - start
+        if micro is not None and _step_time(tab, micro) < best_t:
+            best, best_t = micro, _step_time(tab, micro)
+    return best if best is not None else chunked_plan(tab, opts, work)
 
-    def attempt(m: int, nd, fill: float) -> bool:
-        nonlocal best, best_t
-        ok = False
-        for chunker in (chunk_by_cost, chunk_lpt):
-            chunks = chunker(cm, lengths, m, work, nd, fill)
-            if chunks is None:
-                continue
-            micro = [greedy_groups(tab, c, opts.allow_degree1, opts.all_busy) for c in chunks]
-            if all(g is not None for g in micro):
-                ok = True
-                t = sum(evaluate_groups(tab, g)[0] for g in micro)
-                if t < best_t:
-                    best, best_t = micro, t
-        return ok
 
-    for nd, fill in ((None, 1.0), (need, 1.0)) + tuple((need, f) for f in opts.fills):
-        m = max(m_min, -(-int(sum(need) if nd else 0) // int(cm.world * fill)))
-        tried = 0
-        while m <= n and tried <= opts.extra_microbatches:
-            tried += attempt(m, nd, fill)
-            m += 1
-    if best is None:
-        raise PlanError(f"no feasible plan for {n} sequences on {cm.world} ranks "
-                        "(all_busy may leave too few sequences to occupy every rank); allow idle ranks or add sequences")
-    return best
+def milp_pass(tab: CostTable, micro: list[Groups], opts: PlannerOptions, deadline: float) -> tuple[list[Groups], int]:
+    """Each micro-batch on HiGHS, warm-started from its groups, with an equal share of the time
+    left; the MILP's groups (locally improved) replace the heuristic's only when faster."""
+    cm, lengths = tab.cm, tab.lengths
+    out, wins = [], 0
+    for k, groups in enumerate(micro):
+        left = deadline - time.perf_counter()
+        ids = [i for _, g in groups for i in g]
+        if left > 0.05 and len(ids) > 1:  # HiGHS needs ~tens of ms to set up a model
+            buckets = adaptive_buckets(cm, lengths, ids, opts.buckets)
+            got = solve_groups(cm, lengths, ids, buckets, warm=groups, time_limit_s=left / (len(micro) - k),
+                               allow_degree1=opts.allow_degree1, all_busy=opts.all_busy)
+            if got is not None:
+                got = improve(tab, got)
+                if evaluate_groups(tab, got)[0] < evaluate_groups(tab, groups)[0] - 1e-12:
+                    groups = got
+                    wins += 1
+        out.append(groups)
+    return out, wins
 
 
 def plan_step(cm: CostModel, lengths, opts: PlannerOptions | None = None) -> PlanResult:
     """Plan one step: every sequence once, groups aligned, memory within K; see the module doc."""
     opts = opts or PlannerOptions()
     check_batch(cm, lengths)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    deadline = t0 + 0.85 * opts.time_limit_s  # 15% left for HiGHS overrunning its limit and the layout
     tab = CostTable(cm, lengths)
     work = seq_work(tab, opts.allow_degree1)
     all_busy = opts.all_busy
-    try:
-        micro = greedy_microbatches(tab, opts, work)
-    except PlanError:
+    micro = heuristic_plan(tab, opts, work, deadline)
+    if micro is None:
         if not opts.all_busy:
-            raise
+            raise PlanError(f"no feasible plan for {len(lengths)} sequences on {cm.world} ranks")
         # Documented fallback: some micro-batch cannot occupy every rank (e.g. one sequence on a
         # world that is not a power of two); plan with idle ranks and say so in the stats.
         all_busy = False
         opts = PlannerOptions(**{**opts.__dict__, "all_busy": False})
-        micro = greedy_microbatches(tab, opts, work)
-    method = "greedy"
-    milp_wins = 0
+        micro = heuristic_plan(tab, opts, work, deadline)
+        if micro is None:
+            raise PlanError(f"no feasible plan for {len(lengths)} sequences on {cm.world} ranks")
+    heuristic_s = time.perf_counter() - t0
+    method, wins = "levels", 0
     if opts.use_milp:
-        deadline = t0 + 0.9 * opts.time_limit_s  # 10% left for mapping buckets back and the layout
-        out = []
-        for k, groups in enumerate(micro):
-            left = deadline - time.perf_counter()
-            ids = [i for _, g in groups for i in g]
-            t_greedy = evaluate_groups(tab, groups)[0]
-            got = None
-            if left > 0.02 and len(ids) > 1:
-                buckets = adaptive_buckets(cm, lengths, ids, opts.buckets)
-                got = solve_groups(cm, lengths, ids, buckets, warm=groups, time_limit_s=left / (len(micro) - k),
-                                   allow_degree1=opts.allow_degree1, all_busy=opts.all_busy)
-            if got is not None:
-                got = improve(tab, got)
-                if evaluate_groups(tab, got)[0] < t_greedy - 1e-12:
-                    groups = got
-                    milp_wins += 1
-            out.append(groups)
-        micro = out
-        method = "milp" if milp_wins else "milp(greedy kept)"
+        micro, wins = milp_pass(tab, micro, opts, deadline)
+        method = "levels+milp" if wins else "levels (milp kept them)"
     plan = groups_to_plan(tab, micro)
     solve_s = time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0  # this process's CPU seconds: wall time minus contention
     lb = lower_bound(cm, lengths, opts.allow_degree1)
-    stats = {"max_tokens_per_rank": plan.max_tokens_per_rank(lengths), "milp_improved_microbatches": milp_wins,
-             "all_busy": all_busy}
+    stats = {"max_tokens_per_rank": plan.max_tokens_per_rank(lengths), "milp_improved_microbatches": wins,
+             "all_busy": all_busy, "heuristic_s": heuristic_s, "solve_cpu_s": cpu_s}
     return PlanResult(plan, plan.predicted_step_s, lb, solve_s, method, stats)

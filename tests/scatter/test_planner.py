@@ -64,10 +64,10 @@ def test_options_and_odd_worlds(world, opts):
 def test_bound_below_brute_force_and_planner_above_it():
     rng = np.random.default_rng(0)
     ratios = []
-    for world in (4, 3, 2):
+    for world, cases, n_max in ((4, 10, 5), (3, 10, 5), (2, 10, 6)):
         cm = tiny_cost_model(world=world)
-        for _ in range(8):
-            n = int(rng.integers(1, 5))
+        for _ in range(cases):
+            n = int(rng.integers(1, n_max + 1))
             lengths = [int(x) for x in rng.integers(1, cm.max_degree * cm.capacity + 1, size=n)]
             opt_any = brute_force(cm, lengths, all_busy=False)
             opt_busy = brute_force(cm, lengths, all_busy=True)
