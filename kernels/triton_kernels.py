@@ -65,9 +65,15 @@ def _span(Lo, Hi, offs, valid):
 
 
 @triton.jit
+def _row_ptrs(Ptr, offs, stride_t, head_offset, offs_d):
+    # int64 token offsets: tokens x heads x head_dim passes 2^31 at ~1M tokens of 16 x 128.
+    return Ptr + offs.to(tl.int64)[:, None] * stride_t + head_offset + offs_d[None, :]
+
+
+@triton.jit
 def _rows(Ptr, offs, stride_t, head_offset, offs_d, mask, UPCAST: tl.constexpr):
     """[len(offs), BLOCK_D] rows of one head; fp32 when UPCAST (the interpreter's bf16 is wrong)."""
-    x = tl.load(Ptr + offs[:, None] * stride_t + head_offset + offs_d[None, :], mask=mask, other=0.0)
+    x = tl.load(_row_ptrs(Ptr, offs, stride_t, head_offset, offs_d), mask=mask, other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -148,11 +154,8 @@ def _attn_fwd(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
-    tl.store(
-        Out + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out,
-        mask=q_valid[:, None] & d_valid[None, :],
-    )
-    tl.store(Lse + h * Tq + offs_m, lse, mask=q_valid)
+    tl.store(_row_ptrs(Out, offs_m, stride_ot, h * stride_oh, offs_d), out, mask=q_valid[:, None] & d_valid[None, :])
+    tl.store(Lse + h.to(tl.int64) * Tq + offs_m, lse, mask=q_valid)
 
 
 @triton.jit
@@ -207,8 +210,8 @@ def _attn_bwd_dkdv(
                 ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
                 dk += _dot(tl.trans(ds).to(q.dtype), q, IEEE)
     dk = dk * sm_scale
-    tl.store(DK + offs_k[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk, mask=kd_mask)
-    tl.store(DV + offs_k[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dv, mask=kd_mask)
+    tl.store(_row_ptrs(DK, offs_k, stride_dkt, hk * stride_dkh, offs_d), dk, mask=kd_mask)
+    tl.store(_row_ptrs(DV, offs_k, stride_dkt, hk * stride_dkh, offs_d), dv, mask=kd_mask)
 
 
 @triton.jit
@@ -256,4 +259,4 @@ def _attn_bwd_dq(
             ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, IEEE)
     dq = dq * sm_scale
-    tl.store(DQ + offs_m[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq, mask=qd_mask)
+    tl.store(_row_ptrs(DQ, offs_m, stride_dqt, h * stride_dqh, offs_d), dq, mask=qd_mask)
