@@ -72,6 +72,7 @@ def run_plan(args: argparse.Namespace) -> dict:
         "max_length": int(max(int(max(b)) for b in batches)), "capacity_tokens_per_rank": cm.capacity,
         "predicted_step_s": r["predicted_step_s"], "lower_bound_s": r["lower_bound_s"], "gap": r["gap"],
         "solve_s": r["solve_s"], "solve_cpu_s": r["solve_cpu_s"], "heuristic_s": r["heuristic_s"],
+        "bound_s": r["bound_s"],
         "num_microbatches": first.plan.num_microbatches,
         "method": first.method, "max_tokens_per_rank": max_tok,
         "memory_per_rank_gib": cm.memory_per_rank(max_tok) / 2**30,
@@ -100,7 +101,7 @@ def format_plan(out: dict) -> str:
         f"(~{out['tokens_per_step'][0]:,} tokens, max {out['max_length']:,}) on {out['world']} x {out['profile']}, "
         f"model {out['model']}, K = {out['capacity_tokens_per_rank']:,} tokens/rank",
         f"planner         {pred:9.2f} s/step  bound {out['lower_bound_s']:.2f} s  gap {100 * out['gap']:.1f}%  "
-        f"solve {out['solve_s']:.2f} s (cpu {out['solve_cpu_s']:.2f} s)  micro-batches {out['num_microbatches']}  "
+        f"solve {out['solve_s']:.2f} s (cpu {out['solve_cpu_s']:.2f} s, bound {out['bound_s']:.2f} s)  micro-batches {out['num_microbatches']}  "
         f"memory/rank {out['memory_per_rank_gib']:.1f} GiB ({out['max_tokens_per_rank']:,.0f} tokens)",
         f"static best     {b['static_best']['predicted_step_s']:9.2f} s/step  (degree {b['static_best']['degree']}, "
         f"{b['static_best']['algorithm']})  planner speedup {b['static_best']['speedup']:.2f}x",

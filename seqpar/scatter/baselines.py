@@ -110,7 +110,7 @@ def warm_start_plan(cm: CostModel, lengths, opts: PlannerOptions | None = None) 
     """The planner without the MILP (its warm start: level micro-batches, the greedy's group
     constructions, the cross-micro-batch search), under the same time limit."""
     o = opts or PlannerOptions()
-    return plan_step(cm, lengths, PlannerOptions(**{**o.__dict__, "use_milp": False}))
+    return plan_step(cm, lengths, PlannerOptions(**{**o.__dict__, "use_milp": False, "bound_time_s": 0.0}))
 
 
 def compare(cm: CostModel, batches: list, opts: PlannerOptions | None = None) -> dict:
@@ -125,7 +125,7 @@ def compare(cm: CostModel, batches: list, opts: PlannerOptions | None = None) ->
     static_s = time.perf_counter() - t0
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     pred = mean([r.predicted_step_s for r in results])
-    lb = mean([lower_bound(cm, b, opts.allow_degree1) for b in batches])
+    lb = mean([r.lower_bound_s for r in results])  # max(closed-form, level MILP) per step
     g = mean([r.predicted_step_s for r in greedy])
     return {
         "results": results,
@@ -135,6 +135,7 @@ def compare(cm: CostModel, batches: list, opts: PlannerOptions | None = None) ->
         "solve_s": max(r.solve_s for r in results),
         "solve_cpu_s": max(r.stats["solve_cpu_s"] for r in results),
         "heuristic_s": max(r.stats["heuristic_s"] for r in results),
+        "bound_s": max(r.stats["bound_s"] for r in results),
         "baselines": {
             "static_best": {"degree": static["degree"], "algorithm": static["algorithm"],
                             "predicted_step_s": static["predicted_step_s"], "speedup": static["predicted_step_s"] / pred,

@@ -1,0 +1,63 @@
+"""The level-MILP lower bound: never above the brute-force optimum, strictly tighter where
+power-of-two groups make long sequences indivisible."""
+
+import numpy as np
+import pytest
+
+from seqpar.scatter.bound import level_bound
+from seqpar.scatter.planner import PlannerOptions, lower_bound, plan_step, step_lower_bound
+from tests.scatter.tiny import brute_force, tiny_cost_model
+
+
+def test_level_bound_below_brute_force_and_often_tighter():
+    rng = np.random.default_rng(7)
+    tighter = 0
+    for world, cases, n_max in ((4, 12, 5), (3, 8, 5), (2, 8, 6)):
+        cm = tiny_cost_model(world=world)
+        for _ in range(cases):
+            n = int(rng.integers(1, n_max + 1))
+            lengths = [int(x) for x in rng.integers(1, cm.max_degree * cm.capacity + 1, size=n)]
+            opt = brute_force(cm, lengths, all_busy=False)
+            old = lower_bound(cm, lengths)
+            for kw in ({}, {"singles": 0, "ratio": 1.5}, {"singles": 1, "ratio": 3.0, "grid": 2}):
+                new, info = level_bound(cm, lengths, **kw)
+                assert new <= opt + 1e-12, (world, lengths, kw, new, opt, info)
+            new, _ = level_bound(cm, lengths)
+            tighter += new > old + 1e-6
+    assert tighter >= 5, tighter  # the MILP must actually add something on tiny instances
+
+
+def test_two_sequences_needing_two_ranks_on_three_ranks():
+    # K = 100, R = 3: a 150-token sequence needs a 2-rank group and only one fits beside the
+    # idle rank, so two of them need two micro-batches: optimum = 2 T*. The closed-form bounds
+    # see 300 tokens <= R K (one micro-batch) and give well under 2 T*.
+    cm = tiny_cost_model(world=3)
+    lengths = [150, 150]
+    t_star = cm.group_const(2) + cm.best_seq_cost(150, 2)[0]
+    opt = brute_force(cm, lengths, all_busy=False)
+    assert opt == pytest.approx(2 * t_star)
+    old = lower_bound(cm, lengths)
+    new, _ = level_bound(cm, lengths)
+    assert old < 0.8 * opt
+    assert new == pytest.approx(opt, rel=1e-5) and new <= opt + 1e-12
+
+
+@pytest.mark.parametrize("world, lengths", [(4, [135, 230, 61, 345]), (3, [22, 103, 126, 153]),
+                                            (2, [6, 186, 144, 63])])
+def test_found_instances_strictly_tighter(world, lengths):
+    cm = tiny_cost_model(world=world)
+    opt = brute_force(cm, lengths, all_busy=False)
+    old = lower_bound(cm, lengths)
+    new, _ = level_bound(cm, lengths)
+    assert old + 0.02 < new <= opt + 1e-12, (old, new, opt)
+
+
+def test_planner_reports_max_of_both_bounds_and_bound_time():
+    cm = tiny_cost_model(world=3)
+    res = plan_step(cm, [150, 150], PlannerOptions(time_limit_s=0.2))
+    assert res.stats["bound_method"] == "level-milp" and res.stats["bound_s"] >= 0.0
+    assert res.lower_bound_s == pytest.approx(step_lower_bound(cm, [150, 150])[0])
+    assert res.lower_bound_s > lower_bound(cm, [150, 150]) and res.gap >= -1e-9
+    off = plan_step(cm, [150, 150], PlannerOptions(time_limit_s=0.2, bound_time_s=0.0))
+    assert off.stats["bound_method"] == "closed-form"
+    assert off.lower_bound_s == pytest.approx(lower_bound(cm, [150, 150]))
