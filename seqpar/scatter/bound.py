@@ -42,6 +42,7 @@ import highspy
 import numpy as np
 
 from seqpar.scatter.costmodel import CostModel, CostTable
+from seqpar.scatter.highs import highs_model
 from seqpar.scatter.partition import min_microbatches, seq_work
 
 
@@ -216,27 +217,7 @@ def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s
         if tokens:
             add({n[l]: 1.0 for l in range(lp, nl)}, float(-(-tokens // (R * K))), inf)
 
-    lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = len(lo_), len(rows)
-    lp.col_cost_ = np.asarray(cost, dtype=np.float64)
-    lp.col_lower_, lp.col_upper_ = np.asarray(lo_, dtype=np.float64), np.asarray(hi_, dtype=np.float64)
-    lp.row_lower_ = np.asarray([r[1] for r in rows], dtype=np.float64)
-    lp.row_upper_ = np.asarray([r[2] for r in rows], dtype=np.float64)
-    starts, index, value = [0], [], []
-    for row, _, _ in rows:
-        index.extend(row.keys())
-        value.extend(row.values())
-        starts.append(len(index))
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-    lp.a_matrix_.start_ = np.asarray(starts, dtype=np.int32)
-    lp.a_matrix_.index_ = np.asarray(index, dtype=np.int32)
-    lp.a_matrix_.value_ = np.asarray(value, dtype=np.float64)
-    lp.integrality_ = kind
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)
-    h.setOptionValue("time_limit", float(max(time_limit_s - (time.perf_counter() - t0), 0.05)))
-    h.passModel(lp)
+    h = highs_model(cost, lo_, hi_, rows, kind, max(time_limit_s - (time.perf_counter() - t0), 0.05))
     h.run()
     info = h.getInfo()
     status = h.modelStatusToString(h.getModelStatus())

@@ -18,6 +18,7 @@ import highspy
 import numpy as np
 
 from seqpar.scatter.costmodel import CostModel, degrees_upto
+from seqpar.scatter.highs import highs_model
 
 Groups = list[tuple[int, list[int]]]
 
@@ -77,30 +78,9 @@ def solve_groups(cm: CostModel, lengths, ids: list[int], buckets: list[tuple[int
             return None
         rows.append((row, float(nq[q]), float(nq[q])))
 
-    lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = len(col_lo), len(rows)
     cost_vec = np.zeros(len(col_lo))
     cost_vec[mk] = 1.0
-    lp.col_cost_ = cost_vec
-    lp.col_lower_, lp.col_upper_ = np.array(col_lo), np.array(col_hi)
-    lp.row_lower_ = np.array([lo for _, lo, _ in rows])
-    lp.row_upper_ = np.array([hi for _, _, hi in rows])
-    starts, index, value = [0], [], []
-    for row, _, _ in rows:
-        index.extend(row.keys())
-        value.extend(row.values())
-        starts.append(len(index))
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-    lp.a_matrix_.start_ = np.array(starts, dtype=np.int32)
-    lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
-    lp.a_matrix_.value_ = np.array(value, dtype=np.float64)
-    lp.integrality_ = integ
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", float(max(time_limit_s, 0.01)))
-    h.setOptionValue("threads", 1)
-    h.setOptionValue("mip_rel_gap", 1e-3)
-    h.passModel(lp)
+    h = highs_model(cost_vec, col_lo, col_hi, rows, integ, max(time_limit_s, 0.01), mip_rel_gap=1e-3)
     if warm:
         start = _warm_start(cm, lengths, warm, slots, bucket_of, Lq, len(col_lo), mk)
         if start is not None:

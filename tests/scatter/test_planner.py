@@ -12,7 +12,7 @@ from seqpar.scatter.partition import bucket_lengths, padded_total
 from seqpar.scatter.plan import PlanError
 from seqpar.scatter.planner import PlannerOptions, lower_bound, plan_step
 from seqpar.scatter.workloads import FAMILIES, resolve_model, synthetic_lengths
-from tests.scatter.tiny import brute_force, tiny_cost_model
+from tests.scatter.tiny import brute_force, random_instances, tiny_cost_model
 
 
 @pytest.fixture(scope="module")
@@ -62,24 +62,19 @@ def test_options_and_odd_worlds(world, opts):
 
 
 def test_bound_below_brute_force_and_planner_above_it():
-    rng = np.random.default_rng(0)
     ratios = []
-    for world, cases, n_max in ((4, 10, 5), (3, 10, 5), (2, 10, 6)):
-        cm = tiny_cost_model(world=world)
-        for _ in range(cases):
-            n = int(rng.integers(1, n_max + 1))
-            lengths = [int(x) for x in rng.integers(1, cm.max_degree * cm.capacity + 1, size=n)]
-            opt_any = brute_force(cm, lengths, all_busy=False)
-            opt_busy = brute_force(cm, lengths, all_busy=True)
-            lb = lower_bound(cm, lengths)
-            assert lb <= opt_any + 1e-12, (world, lengths, lb, opt_any)
-            res = plan_step(cm, lengths, PlannerOptions(time_limit_s=0.2))
-            busy = res.stats["all_busy"]
-            _check_feasible(cm, lengths, res, all_busy=busy)
-            opt = opt_busy if busy else opt_any  # idle fallback only when all-busy is infeasible
-            assert busy or opt_busy == float("inf"), (world, lengths)
-            assert res.predicted_step_s >= opt - 1e-9, (world, lengths)
-            ratios.append(res.predicted_step_s / opt)
+    for cm, lengths in random_instances(0):
+        opt_any = brute_force(cm, lengths, all_busy=False)
+        opt_busy = brute_force(cm, lengths, all_busy=True)
+        lb = lower_bound(cm, lengths)
+        assert lb <= opt_any + 1e-12, (cm.world, lengths, lb, opt_any)
+        res = plan_step(cm, lengths, PlannerOptions(time_limit_s=0.2))
+        busy = res.stats["all_busy"]
+        _check_feasible(cm, lengths, res, all_busy=busy)
+        opt = opt_busy if busy else opt_any  # idle fallback only when all-busy is infeasible
+        assert busy or opt_busy == float("inf"), (cm.world, lengths)
+        assert res.predicted_step_s >= opt - 1e-9, (cm.world, lengths)
+        ratios.append(res.predicted_step_s / opt)
     assert max(ratios) < 1.5, ratios
     assert sorted(ratios)[len(ratios) // 2] < 1.05, ratios
 

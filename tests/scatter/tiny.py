@@ -67,3 +67,16 @@ def brute_force(cm: CostModel, lengths, all_busy: bool = True) -> float:
             total += memo[key]
         best = min(best, total)
     return best
+
+
+def random_instances(seed: int, spec=((4, 10, 5), (3, 10, 5), (2, 10, 6))):
+    """(cost model, lengths) pairs for brute-force checks: per (world, cases, max sequences) in spec,
+    that many random batches whose sequences each fit the cluster."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for world, cases, n_max in spec:
+        cm = tiny_cost_model(world=world)
+        for _ in range(cases):
+            n = int(rng.integers(1, n_max + 1))
+            yield cm, [int(x) for x in rng.integers(1, cm.max_degree * cm.capacity + 1, size=n)]
