@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
         return 2
     except TrainingError as e:
-        if os.environ.get("RANK", "0") == "0":
+        from seqpar.train.trainer import CollectiveFailure
+
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveFailure):
             print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
         return 3
     finally:

@@ -3,6 +3,8 @@
 SEQPAR_FAULT_NAN_STEP=N        the local loss of rank SEQPAR_FAULT_RANK (default 0) is NaN at step N
 SEQPAR_FAULT_KILL_AFTER_SAVE=N rank SEQPAR_FAULT_RANK is SIGKILLed right after checkpoint N is complete
 SEQPAR_FAULT_KILL_MID_SAVE=N   rank SEQPAR_FAULT_RANK is SIGKILLed while checkpoint N is being written
+SEQPAR_FAULT_HANG_STEP=N       rank SEQPAR_FAULT_RANK stalls at the start of step N for SEQPAR_FAULT_HANG_S
+                               seconds (default 600), or until it is asked to stop (SIGTERM from torchrun)
 
 Unset (the normal case) every hook is a no-op.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from typing import Callable
 
 
 def _env_step(name: str) -> int | None:
@@ -25,12 +29,22 @@ class Faults:
         self.nan_step = _env_step("SEQPAR_FAULT_NAN_STEP")
         self.kill_after_save = _env_step("SEQPAR_FAULT_KILL_AFTER_SAVE")
         self.kill_mid_save = _env_step("SEQPAR_FAULT_KILL_MID_SAVE")
+        self.hang_step = _env_step("SEQPAR_FAULT_HANG_STEP")
+        self.hang_s = float(os.environ.get("SEQPAR_FAULT_HANG_S", "600"))
 
     def _mine(self) -> bool:
         return self.rank == self.target
 
     def nan_loss(self, step: int) -> bool:
         return self.nan_step == step and self._mine()
+
+    def hang(self, step: int, stop: Callable[[], bool]) -> None:
+        """Stall like a stuck rank (a dead NIC, a deadlocked dataloader) so its peers' collectives time out."""
+        if self.hang_step != step or not self._mine():
+            return
+        end = time.monotonic() + self.hang_s
+        while time.monotonic() < end and not stop():
+            time.sleep(0.05)
 
     def __call__(self, where: str, step: int) -> None:
         if not self._mine():

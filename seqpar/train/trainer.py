@@ -41,6 +41,31 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, checkpoint that does not fit); the message says why."""
 
 
+class CollectiveFailure(TrainingError):
+    """A collective timed out (parallel.timeout_s) or lost its peer: some rank stalled or died.
+
+    Raised on the ranks that saw it, which need not include rank 0, so every rank reports it.
+    """
+
+
+def _collective_failure(e: RuntimeError, rank: int, step: int, timeout_s: float, last: str | None) -> TrainingError | None:
+    """The one-line error for a backend exception that means a stuck or dead peer, else None.
+
+    gloo raises plain RuntimeErrors (NCCL DistBackendErrors), so the message text decides.
+    """
+    text = str(e).lower()
+    resume = f"last checkpoint: {last or 'none'} (rerun the same command to resume)"
+    if "timed out" in text or "timeout" in text:
+        return CollectiveFailure(
+            f"rank {rank}: a collective timed out at step {step} after parallel.timeout_s={timeout_s:g} s: another "
+            f"rank stalled or died; {resume}; raise parallel.timeout_s if steps are legitimately that slow"
+        )
+    if "connection closed by peer" in text or "connection reset" in text:
+        return CollectiveFailure(f"rank {rank}: lost a peer at step {step}: another rank failed or was stopped "
+                                 f"(see its error); {resume}")
+    return None
+
+
 def _compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     return torch.bfloat16 if bf16 else torch.float32
@@ -243,6 +268,7 @@ def train(cfg: Config) -> list[dict]:
             batches, doc_lengths = [], []
             if step_data.by_step:
                 _check_same_bucket(step_data.source.step_bucket(step), step, groups.world, info.device)
+            faults.hang(step + 1, lambda: preempt.requested)
             for s in step_data.rank_streams(step, consumed, groups.dp_rank, dims.dp):
                 mb = make_microbatch(s.tokens, s.cu_seqlens, info.device)
                 if dims.sp > 1:
@@ -298,6 +324,13 @@ def train(cfg: Config) -> list[dict]:
             if stop:
                 log.info(f"{preempt.signal_name or 'signal'} received: checkpointed at step {step}; exiting")
                 break
+    except RuntimeError as e:
+        if isinstance(e, TrainingError):
+            raise
+        failure = _collective_failure(e, info.rank, step + 1, cfg.parallel.timeout_s, ckpt.latest())
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         preempt.restore()
         log.close()

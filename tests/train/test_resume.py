@@ -130,6 +130,25 @@ def test_nan_stops_with_step_rank_and_checkpoint(dist_pool, small_store, tmp_pat
     assert "step_000003" not in _checkpoints(run_dir)
 
 
+def test_stalled_rank_times_out_with_step_and_checkpoint_then_resumes(small_store, tmp_path, uninterrupted):
+    """Rank 1 stalls at step 3: rank 0's collective gives up after parallel.timeout_s with a one-line error
+    naming the step and the last checkpoint; rerunning the command resumes onto the same curve."""
+    run_dir = str(tmp_path / "run")
+    overrides = _overrides(small_store, run_dir) + ["parallel.timeout_s=10"]
+    t0 = time.monotonic()
+    rc, out, err = _run(overrides, nproc=2, env={"SEQPAR_FAULT_HANG_STEP": "3", "SEQPAR_FAULT_RANK": "1"})
+    assert rc != 0 and time.monotonic() - t0 < 200  # the stalled rank sleeps 600 s unless stopped
+    assert "rank 0: a collective timed out at step 3 after parallel.timeout_s=10 s" in err, err[-3000:]
+    assert "last checkpoint: " in err and "step_000002" in err
+    assert _checkpoints(run_dir) == ["step_000002"]
+    rc, out, err = _run(overrides, nproc=2)
+    assert rc == 0, err[-3000:]
+    resumed = _losses(run_dir)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(3, 7):  # dp=2 equals one process (tests/train/test_data_parallel.py)
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4), step
+
+
 def test_nan_skip_option(small_store, tmp_path):
     run_dir = str(tmp_path / "run")
     rc, out, err = _run(
