@@ -12,7 +12,9 @@ micro-batch at a time:
    rank-seconds; the micro-batch's target makespan T is its time, or more when the work left
    needs it: ``average`` x (b1 + remaining least work / (R x the micro-batches the remaining
    tokens need at least)), which keeps the short tail in a few full micro-batches instead of
-   one short micro-batch per opener;
+   one short micro-batch per opener (``fast_openers``: the opener instead takes the cheapest
+   degree that finishes by that target, else the fastest, so a long sequence on its cheapest
+   degree does not set a makespan far above the target and idle the ranks beside it);
 2. every other unplaced sequence, longest first, joins an open group where it still finishes by
    T within the group's d x K tokens (the one it leaves the least time in: best fit), or else
    opens a group on the free ranks at the cheapest degree (rank-seconds) that finishes by T;
@@ -46,8 +48,19 @@ def _open_degree(tab: CostTable, i: int, free: int, limit: float, lo: int) -> in
     return best
 
 
+def _fast_degree(tab: CostTable, i: int, free: int, target: float, lo: int) -> int:
+    """Opener degree of a ``fast_openers`` build: the cheapest (rank-seconds) that finishes
+    sequence i by ``target``, or else the fastest one, so that the opener does not set a
+    makespan above the target when more ranks can avoid it."""
+    d = _open_degree(tab, i, free, target, lo)
+    if d is not None:
+        return d
+    ok = [d for d in tab.degrees if lo <= d <= free and d >= tab.min_degree[i]]
+    return min(ok, key=lambda d: tab.cm.group_const(d) + float(tab.best[d][i]))
+
+
 def level_microbatches(tab: CostTable, work: np.ndarray, average: float = 1.0,
-                       allow_degree1: bool = True) -> list[Groups]:
+                       allow_degree1: bool = True, fast_openers: bool = False) -> list[Groups]:
     """Micro-batches of the whole batch built as levels (see the module doc).
 
     work: float64 [n] each sequence's least rank-seconds (``partition.seq_work``).
@@ -72,6 +85,8 @@ def level_microbatches(tab: CostTable, work: np.ndarray, average: float = 1.0,
                             f"{cm.max_degree} ranks; allow degree 1 or add ranks")
         m_rest = max(1, -(-int(L[todo].sum()) // (R * K)))
         mean = cm.b1 + float(work[todo].sum()) / (R * m_rest)
+        if fast_openers:
+            d0 = _fast_degree(tab, first, cm.max_degree, average * mean, lo)
         limit = max(cm.group_const(d0) + float(tab.best[d0][first]), average * mean)
         degs: list[int] = []
         gi = np.zeros(0, dtype=np.int64)

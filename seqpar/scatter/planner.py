@@ -46,13 +46,18 @@ class PlannerOptions:
     averages: target-makespan factors of the level builds, in order (``levels``); use_milp:
     False stops after the heuristics (the MILP's warm start); bound_time_s: HiGHS time of the
     level-MILP lower bound (``bound``), spent after the plan and not counted in solve_s; 0
-    keeps only ``lower_bound``."""
+    keeps only ``lower_bound``; fast_openers: factors of further level builds, after
+    ``averages``, whose openers take the cheapest degree finishing by the target makespan
+    (else the fastest) instead of the cheapest degree (``levels``; a long sequence at its
+    cheapest degree can set a makespan far above the work's, leaving the rest of its
+    micro-batch idle or half-empty)."""
 
     buckets: int = 16
     allow_degree1: bool = True
     all_busy: bool = True
     time_limit_s: float = 1.0
     averages: tuple[float, ...] = (1.0, 1.35)
+    fast_openers: tuple[float, ...] = (1.35,)
     use_milp: bool = True
     bound_time_s: float = 2.0
 
@@ -149,11 +154,11 @@ def _step_time(tab: CostTable, micro: list[Groups]) -> float:
 
 
 def level_plan(tab: CostTable, opts: PlannerOptions, work: np.ndarray, average: float,
-               deadline: float = float("inf")) -> list[Groups] | None:
+               deadline: float = float("inf"), fast_openers: bool = False) -> list[Groups] | None:
     """Level micro-batches, completed onto every rank, then the cross-micro-batch search;
     None when some micro-batch cannot occupy every rank (``all_busy``)."""
     micro = [complete_groups(tab, g, opts.allow_degree1, opts.all_busy)
-             for g in level_microbatches(tab, work, average, opts.allow_degree1)]
+             for g in level_microbatches(tab, work, average, opts.allow_degree1, fast_openers)]
     if any(g is None for g in micro):
         return None
     return refine_step(tab, micro, opts.allow_degree1, opts.all_busy, deadline=deadline)
@@ -174,17 +179,19 @@ def chunked_plan(tab: CostTable, opts: PlannerOptions, work) -> list[Groups] | N
 
 
 def heuristic_plan(tab: CostTable, opts: PlannerOptions, work, deadline: float) -> list[Groups] | None:
-    """The best of the level builds (``opts.averages``; the first always, each further one
-    only when the previous build's duration still fits before ``deadline``; their searches
-    stop at ``deadline``) and, only when those fail, the spec's chunking."""
+    """The best of the level builds (``opts.averages``, then ``opts.fast_openers``; the first
+    always, each further one only when the previous build's duration still fits before
+    ``deadline``; their searches stop at ``deadline``) and, only when those fail, the spec's
+    chunking."""
     w = np.array([x for x, _ in work], dtype=np.float64)
     best, best_t = None, float("inf")
     took = 0.0
-    for k, average in enumerate(opts.averages):
+    builds = [(a, False) for a in opts.averages] + [(a, True) for a in opts.fast_openers]
+    for k, (average, fast) in enumerate(builds):
         start = time.perf_counter()
         if k and start + took > deadline:  # the next build would likely overrun the budget
             break
-        micro = level_plan(tab, opts, w, average, deadline)
+        micro = level_plan(tab, opts, w, average, deadline, fast)
         took = time.perf_counter() - start
         if micro is not None and _step_time(tab, micro) < best_t:
             best, best_t = micro, _step_time(tab, micro)
