@@ -113,14 +113,16 @@ def forward_with_tiles(q, k, v, q_doc, q_pos, k_doc, k_pos, *, causal: bool, sca
     _, group = _check("block_attn_fwd", q, k, v, q_doc, q_pos, k_doc, k_pos)
     tq, heads, dim = q.shape
     tkk = k.shape[0]
-    out = torch.zeros(tq, heads, dim, dtype=torch.float32, device=q.device)
-    lse = torch.full((heads, tq), float("-inf"), dtype=torch.float32, device=q.device)
     if record and not interpreting():
         raise ValueError("forward_with_tiles(record=True) runs under TRITON_INTERPRET=1 only (it fixes the tile size)")
     bm, bn = INTERPRET_BLOCKS
     classes = torch.full((triton.cdiv(tq, bm), triton.cdiv(tkk, bn)), -1, dtype=torch.int8) if record else None
     if tq == 0 or tkk == 0:
-        return out, lse, classes
+        out = torch.zeros(tq, heads, dim, dtype=torch.float32, device=q.device)
+        return out, torch.full((heads, tq), float("-inf"), dtype=torch.float32, device=q.device), classes
+    # Every row of out and lse is written by the kernel (rows that see nothing get 0 / -inf there).
+    out = torch.empty(tq, heads, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(heads, tq, dtype=torch.float32, device=q.device)
     q, k, v = _rows(q), _rows(k), _rows(v)
     qd, qp, kd, kp = _meta(q_doc), _meta(q_pos), _meta(k_doc), _meta(k_pos)
     lo, hi = _range_args(key_ranges(qd, qp, kd, kp, causal))
@@ -155,11 +157,13 @@ def block_attn_bwd(dout, q, k, v, out, lse, q_doc, q_pos, k_doc, k_pos, *, causa
         )
     if lse.shape != (heads, tq):
         raise ValueError(f"block_attn_bwd: lse must be [heads, tokens] = {(heads, tq)}, got {tuple(lse.shape)}")
-    dq = torch.zeros(tq, heads, dim, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(tkk, kv_heads, dim, dtype=torch.float32, device=q.device)
-    dv = torch.zeros_like(dk)
     if tq == 0 or tkk == 0:
-        return dq, dk, dv
+        dk = torch.zeros(tkk, kv_heads, dim, dtype=torch.float32, device=q.device)
+        return torch.zeros(tq, heads, dim, dtype=torch.float32, device=q.device), dk, torch.zeros_like(dk)
+    # Each program stores its whole tile, visited or not, so no memset is needed.
+    dq = torch.empty(tq, heads, dim, dtype=torch.float32, device=q.device)
+    dk = torch.empty(tkk, kv_heads, dim, dtype=torch.float32, device=q.device)
+    dv = torch.empty_like(dk)
     q, k, v = _rows(q), _rows(k), _rows(v)
     dout = _rows(dout.to(q.dtype))
     delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # [H, Tq]
