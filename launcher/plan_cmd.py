@@ -58,10 +58,12 @@ def run_plan(args: argparse.Namespace) -> dict:
 
     if args.world < 1:
         raise ValueError(f"--world={args.world} must be >= 1")
+    if args.bound_time < 0 or args.time_limit < 0:
+        raise ValueError(f"--time-limit={args.time_limit} and --bound-time={args.bound_time} must be >= 0 seconds")
     cm = build_cost_model(load_profile(args.profile), resolve_model(args.model), args.world)
     batches, source = _batches(args)
     opts = PlannerOptions(buckets=args.buckets, allow_degree1=not args.no_degree1, all_busy=not args.allow_idle,
-                          time_limit_s=args.time_limit)
+                          time_limit_s=args.time_limit, bound_time_s=args.bound_time)
     r = compare(cm, batches, opts)
     first = r["results"][0]
     max_tok = max(x.max_tokens_per_rank for x in r["results"])
@@ -161,6 +163,8 @@ def add_plan_commands(sub) -> None:
     p.add_argument("--max-len", type=int, default=196_608, help="clip lengths of --dist/--store to this (default 192K)")
     p.add_argument("--buckets", type=int, default=16, help="initial number of length buckets of the MILP")
     p.add_argument("--time-limit", type=float, default=1.0, help="planner wall-clock seconds per step (the first level build always completes)")
+    p.add_argument("--bound-time", type=float, default=4.0,
+                   help="HiGHS seconds per step for the level-MILP lower bound, after the plan and not in solve time (0: closed form only)")
     p.add_argument("--no-degree1", action="store_true", help="forbid groups of one rank")
     p.add_argument("--allow-idle", action="store_true", help="let ranks idle in a micro-batch (default: all ranks busy)")
     p.set_defaults(func=cmd_plan)

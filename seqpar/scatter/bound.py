@@ -13,11 +13,16 @@ micro-batch lasting T falls in the level l with B_l <= T < B_{l+1}; then
 - n_l (integer) micro-batches in level l, summing T_l seconds: B_l n_l <= T_l <= B_{l+1} n_l;
 - g_{l,d} (integer) groups of degree d in them: sum_d d g_{l,d} <= R n_l; sum_d g_{l,d} >= n_l;
 - x_{q,l,d} >= 0 sequences of bucket q in those groups (each sequence once; the longest
-  sequences are buckets of their own with 0/1 x), priced at the bucket's least cost c_q(d)
-  and least length s_q (a lower bound on each member's), allowed only where
-  const(d) + c_q(d) <= B_{l+1} and d >= the bucket's least minSP;
-- time: sum_q c_q(d) x + const(d) g <= B_{l+1} g (every such group ends before B_{l+1});
-- memory: sum_q s_q x <= d K g; non-empty groups: sum_q x >= g;
+  sequences are buckets of their own with 0/1 x), allowed only where
+  const(d) + c_q(d) <= B_{l+1} (c_q(d): the bucket's least cost) and d >= the bucket's least
+  minSP; y_{q,l,d} >= 0 the tokens of those sequences: s_min x <= y <= s_max x, and the y of a
+  bucket sum to its actual tokens. Each member's seconds are priced from below by
+  c_q(d) + k_{q,d} (s - s_min) (``_slopes``: the least secant slope over the bucket's actual
+  members, so the line is below every member by construction), i.e. the bucket costs
+  c_q(d) x + k_{q,d} (y - s_min x) at (l, d); without y (bucket minimum length and cost) the
+  MILP often equalled the work bound on commoncrawl and github, with y it is 0.4-2% higher;
+- time: sum_q (that cost) + const(d) g <= B_{l+1} g (every such group ends before B_{l+1});
+- memory: sum_q y <= d K g; non-empty groups: sum_q x >= g;
 - bin packing per group: sum_q f(size_q / capacity) x <= g for a few dual-feasible functions
   f (sum f <= 1 over any set of items that fits one bin), in memory (capacity d K) and in time
   (capacity B_{l+1} - const(d)): two sequences over half a group's tokens need two groups;
@@ -82,6 +87,21 @@ def _buckets(lengths: np.ndarray, tstar: np.ndarray, singles: int, ratio: float)
     return out
 
 
+def _slopes(tab: CostTable, ids: list[int], d: int) -> float:
+    """The largest k with c_i(d) >= c_min(d) + k (s_i - s_min) / K for every member i of the
+    bucket (seconds per K tokens; s_min, c_min: its least length and cost), i.e. the least
+    secant slope from the shortest member: a linear lower bound on the members' seconds that
+    holds by construction, whatever the shape of the cost model."""
+    idx = np.asarray(ids)
+    i0 = idx[np.argmin(tab.lengths[idx])]
+    c = tab.best[d][idx]
+    ok = (tab.lengths[idx] > tab.lengths[i0]) & np.isfinite(c)
+    if not ok.any() or not np.isfinite(tab.best[d][i0]):
+        return 0.0
+    ds = (tab.lengths[idx][ok] - tab.lengths[i0]) / tab.cm.capacity
+    return float(np.min((c[ok] - tab.best[d][i0]) / ds))
+
+
 #: Level boundaries above the slowest sequence's own time, as multiples of it: a micro-batch
 #: in the top level (unbounded above) has no per-group time limit in the model.
 ABOVE = (1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0)
@@ -104,15 +124,17 @@ def _levels(tstar: np.ndarray, singles: list[int], grid: int) -> np.ndarray:
     return np.asarray(keep)
 
 
-def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s: float = 2.0,
-                singles: int = 12, ratio: float = 1.4, grid: int = 8) -> tuple[float, dict]:
+def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s: float = 4.0,
+                singles: int = 12, ratio: float = 1.4, grid: int = 8, tokens: bool = True) -> tuple[float, dict]:
     """The level MILP's dual bound (seconds) and {"status", "mip_dual_bound", "bound_s", "rows", "cols",
     "levels", "buckets"}; 0.0 when HiGHS gives no usable bound (e.g. its root LP did not finish).
 
     singles: the slowest sequences kept as 0/1 variables; ratio: max/min length of the other
-    buckets; grid: geometric levels between the least and the largest single-sequence time.
-    The defaults keep the model at ~2-4K columns, which HiGHS solves or bounds in ~1-2 s at 512
-    sequences; finer models are tighter only with far more time (see the README notes)."""
+    buckets; grid: geometric levels between the least and the largest single-sequence time;
+    tokens: False prices buckets at their least length and cost only (no y; weaker, faster).
+    The defaults keep the model at ~4-8K columns and rows; at 512 sequences HiGHS needs ~2 s
+    for the root LP and bounds within ~0.1% of its 10-s value by 4 s; finer models are
+    tighter only with far more time (see the README notes)."""
     t0 = time.perf_counter()
     L = np.asarray(lengths, dtype=np.int64)
     tab = CostTable(cm, L)
@@ -152,6 +174,10 @@ def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s
             for d in degs:
                 if d >= md and const[d] + c[d] <= upper[l]:
                     x[q, l, d] = var(0.0, float(cnt), I if q < n_single else C)
+    # Tokens of the multi-length buckets where they are placed (units of K), so memory counts
+    # actual tokens, not count x least length, and time a tangent in them (``_slopes``).
+    y = {key: var(0.0, highspy.kHighsInf, C) for key in x if tokens and len(set(L[buckets[key[0]]].tolist())) > 1}
+    slope = {(q, d): _slopes(tab, buckets[q], d) for q in {key[0] for key in y} for d in degs}
 
     rows: list[tuple[dict[int, float], float, float]] = []
     inf = highspy.kHighsInf
@@ -168,6 +194,24 @@ def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s
         if q not in by_q:
             return 0.0, {"status": "no level fits a bucket", "bound_s": time.perf_counter() - t0}
         add({j: 1.0 for j in by_q[q]}, float(cnt), float(cnt))
+    for q in sorted({key[0] for key in y}):
+        idx = np.asarray(buckets[q])
+        keys = [key for key in x if key[0] == q]
+        add({y[key]: 1.0 for key in keys}, float(L[idx].sum()) / K, float(L[idx].sum()) / K)
+        for key in keys:
+            add({y[key]: 1.0, x[key]: -float(L[idx].min()) / K}, 0.0, inf)
+            add({y[key]: 1.0, x[key]: -float(L[idx].max()) / K}, -inf, 0.0)
+
+    def seconds(row: dict, q: int, l: int, d: int, scale: float = 1.0) -> None:
+        """Add scale x (least seconds of bucket q's members at (l, d)) to row: c_q(d) per
+        member, plus the tangent's slope times their tokens above the least length."""
+        j, c = x[q, l, d], bq[q][2][d]
+        if (q, l, d) in y:
+            k = slope[q, d]
+            row[j] = row.get(j, 0.0) + scale * (c - k * bq[q][1])
+            row[y[q, l, d]] = row.get(y[q, l, d], 0.0) + scale * k
+        else:
+            row[j] = row.get(j, 0.0) + scale * c
     for l in range(nl):
         add({T[l]: 1.0, n[l]: -float(B[l])}, 0.0, inf)
         if np.isfinite(upper[l]):
@@ -178,10 +222,12 @@ def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s
         for d in degs:
             members = by_ld.get((l, d), [])
             if np.isfinite(upper[l]):
-                row = {j: bq[q][2][d] for q, j in members}
+                row = {}
+                for q, _ in members:
+                    seconds(row, q, l, d)
                 row[g[l, d]] = const[d] - float(upper[l])
                 add(row, -inf, 0.0)
-            row = {j: bq[q][1] for q, j in members}
+            row = {y.get((q, l, d), j): (1.0 if (q, l, d) in y else bq[q][1]) for q, j in members}
             row[g[l, d]] = -float(d)
             add(row, -inf, 0.0)
             row = {j: 1.0 for _, j in members}
@@ -204,8 +250,8 @@ def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s
                         row[g[l, d]] = -1.0
                         add(row, -inf, 0.0)
             rank_time[g[l, d]] = -float(d) * (const[d] - cm.b1)
-            for q, j in members:
-                rank_time[j] = -float(d) * bq[q][2][d]
+            for q, _ in members:
+                seconds(rank_time, q, l, d, -float(d))
         add(rank_time, 0.0, inf)
     row = {**{T[l]: float(R) for l in range(nl)}, **{n[l]: -float(R) * cm.b1 for l in range(nl)}}
     for (l, d), j in g.items():

@@ -14,7 +14,11 @@ micro-batch at a time:
    tokens need at least)), which keeps the short tail in a few full micro-batches instead of
    one short micro-batch per opener (``fast_openers``: the opener instead takes the cheapest
    degree that finishes by that target, else the fastest, so a long sequence on its cheapest
-   degree does not set a makespan far above the target and idle the ranks beside it);
+   degree does not set a makespan far above the target and idle the ranks beside it); with
+   ``lead`` = k, T is also at least the own time of each of the next k longest sequences at
+   their cheapest degree, so that they can join at that degree rather than on more ranks,
+   where cross-node communication makes them dearer (GPT-7B on A100-40GB: a 125K-token
+   sequence costs 105 rank-seconds on 16 ranks, 140 on 32);
 2. every other unplaced sequence, longest first, joins an open group where it still finishes by
    T within the group's d x K tokens (the one it leaves the least time in: best fit), or else
    opens a group on the free ranks at the cheapest degree (rank-seconds) that finishes by T;
@@ -28,11 +32,24 @@ them, so micro-batches come out full in both and the count stays near ceil(token
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from seqpar.scatter.costmodel import CostTable
 from seqpar.scatter.greedy import Groups, evaluate_groups, greedy_groups, grow, improve
 from seqpar.scatter.plan import PlanError
+
+
+@dataclass(frozen=True)
+class LevelBuild:
+    """The rules of one level build (see the module doc): target-makespan factor ``average``,
+    ``fast_openers`` (the opener takes the cheapest degree meeting the target, not the cheapest
+    overall) and ``lead`` (the target covers the next ``lead`` sequences at their cheapest degree)."""
+
+    average: float = 1.0
+    fast_openers: bool = False
+    lead: int = 0
 
 
 def _open_degree(tab: CostTable, i: int, free: int, limit: float, lo: int) -> int | None:
@@ -60,7 +77,7 @@ def _fast_degree(tab: CostTable, i: int, free: int, target: float, lo: int) -> i
 
 
 def level_microbatches(tab: CostTable, work: np.ndarray, average: float = 1.0,
-                       allow_degree1: bool = True, fast_openers: bool = False) -> list[Groups]:
+                       allow_degree1: bool = True, fast_openers: bool = False, lead: int = 0) -> list[Groups]:
     """Micro-batches of the whole batch built as levels (see the module doc).
 
     work: float64 [n] each sequence's least rank-seconds (``partition.seq_work``).
@@ -88,6 +105,10 @@ def level_microbatches(tab: CostTable, work: np.ndarray, average: float = 1.0,
         if fast_openers:
             d0 = _fast_degree(tab, first, cm.max_degree, average * mean, lo)
         limit = max(cm.group_const(d0) + float(tab.best[d0][first]), average * mean)
+        for j in todo[1:1 + lead]:
+            dj = _open_degree(tab, j, cm.max_degree, np.inf, lo)
+            if dj is not None:
+                limit = max(limit, cm.group_const(dj) + float(tab.best[dj][j]))
         degs: list[int] = []
         gi = np.zeros(0, dtype=np.int64)
         ids: list[list[int]] = []

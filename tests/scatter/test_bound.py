@@ -1,9 +1,11 @@
 """The level-MILP lower bound: never above the brute-force optimum, strictly tighter where
 power-of-two groups make long sequences indivisible."""
 
+import numpy as np
 import pytest
 
-from seqpar.scatter.bound import level_bound
+from seqpar.scatter.bound import _slopes, level_bound
+from seqpar.scatter.costmodel import CostTable
 from seqpar.scatter.planner import PlannerOptions, lower_bound, plan_step, step_lower_bound
 from tests.scatter.tiny import brute_force, random_instances, tiny_cost_model
 
@@ -19,6 +21,42 @@ def test_level_bound_below_brute_force_and_often_tighter():
         new, _ = level_bound(cm, lengths)
         tighter += new > old + 1e-6
     assert tighter >= 5, tighter  # the MILP must actually add something on tiny instances
+
+
+def test_token_tracking_never_loosens_and_tightens_wide_buckets():
+    """With every bucket wide (no singles, max/min length 3), pricing members at the bucket's
+    least length and cost is loose; tracking tokens (y) must stay below brute force and raise
+    the bound on some instances."""
+    raised = 0
+    for cm, lengths in random_instances(11, ((4, 10, 6), (2, 8, 6))):
+        opt = brute_force(cm, lengths, all_busy=False)
+        kw = {"singles": 0, "ratio": 3.0}
+        plain, _ = level_bound(cm, lengths, tokens=False, **kw)
+        tracked, info = level_bound(cm, lengths, **kw)
+        assert plain - 1e-6 <= tracked <= opt + 1e-12, (cm.world, lengths, plain, tracked, opt, info)
+        raised += tracked > plain + 1e-6
+    assert raised >= 2, raised
+
+
+def test_slopes_give_a_line_below_every_member():
+    from seqpar.hardware import load_profile
+    from seqpar.scatter.costmodel import build_cost_model
+    from seqpar.scatter.workloads import resolve_model
+
+    cm = build_cost_model(load_profile("A100-40GB"), resolve_model("gpt-7b"), 64)
+    rng = np.random.default_rng(0)
+    lengths = np.sort(rng.integers(64, 190_000, size=200))
+    tab = CostTable(cm, lengths)
+    for lo in range(0, 200, 25):
+        ids = list(range(lo, lo + 25))
+        for d in tab.degrees:
+            k = _slopes(tab, ids, d)
+            c = tab.best[d][ids]
+            ok = np.isfinite(c)
+            line = c[ok].min() + k * (lengths[ids][ok] - lengths[ids][ok].min()) / cm.capacity
+            assert np.all(c[ok] >= line - 1e-12), (lo, d)
+            if ok.sum() > 1:  # it touches the shortest member and another: no higher line holds
+                assert np.isclose(c[ok] - line, 0.0, rtol=0, atol=1e-9).sum() >= 2, (lo, d)
 
 
 def test_two_sequences_needing_two_ranks_on_three_ranks():

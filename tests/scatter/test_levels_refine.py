@@ -8,7 +8,7 @@ import pytest
 
 from seqpar.hardware import load_profile
 from seqpar.scatter.costmodel import CostTable, build_cost_model
-from seqpar.scatter.levels import _fast_degree, _open_degree, complete_groups, level_microbatches
+from seqpar.scatter.levels import LevelBuild, _fast_degree, _open_degree, complete_groups, level_microbatches
 from seqpar.scatter.partition import seq_work
 from seqpar.scatter.planner import PlannerOptions, _step_time, chunked_plan, groups_to_plan, plan_step
 from seqpar.scatter.refine import StepState, critical_moves, refine_step
@@ -97,7 +97,7 @@ def test_levels_beat_the_spec_chunking_on_long_tails(cm64, family, seed):
     is well ahead of it and near the bound."""
     lengths = synthetic_lengths(family, 256, seed=seed)
     tab = CostTable(cm64, lengths)
-    res = plan_step(cm64, lengths, PlannerOptions(averages=(1.0,), fast_openers=(), use_milp=False))
+    res = plan_step(cm64, lengths, PlannerOptions(builds=(LevelBuild(1.0),), use_milp=False))
     res.plan.validate(lengths, cm64.capacity)
     chunked = _step_time(tab, chunked_plan(tab, PlannerOptions(), seq_work(tab)))
     assert chunked / res.predicted_step_s > 1.15
@@ -124,8 +124,31 @@ def test_fast_opener_build_shortens_a_step_whose_long_sequence_sets_the_makespan
     7.2 s micro-batch beside groups done by 5.9 s; the fast-opener build (kept only when
     shorter) gives a step several percent shorter. Heuristics only, every build run."""
     lengths = synthetic_lengths("commoncrawl", 512, seed=2)
-    base = PlannerOptions(averages=(1.0, 1.35), fast_openers=(), use_milp=False, time_limit_s=60.0, bound_time_s=0.0)
+    base = PlannerOptions(builds=(LevelBuild(1.0), LevelBuild(1.35)), use_milp=False, time_limit_s=60.0, bound_time_s=0.0)
     old = plan_step(cm64, lengths, base)
-    new = plan_step(cm64, lengths, dataclasses.replace(base, fast_openers=(1.35,)))
+    new = plan_step(cm64, lengths, dataclasses.replace(base, builds=base.builds + (LevelBuild(1.35, fast_openers=True),)))
+    new.plan.validate(lengths, cm64.capacity)
+    assert new.predicted_step_s < 0.97 * old.predicted_step_s
+
+
+def test_lead_lets_the_next_long_sequence_open_at_its_cheapest_degree(cm64):
+    """A 160K-token opener sets a 6.7 s target; the 125K sequence beside it costs the fewest
+    rank-seconds on 16 ranks (7.2 s), so without lookahead it takes 32 ranks (5.0 s), and with
+    lead=1 the target covers its 16-rank time."""
+    tab = CostTable(cm64, [159_720, 124_956])
+    assert _open_degree(tab, 1, 64, np.inf, 1) == 16
+    plain = level_microbatches(tab, _work(tab), 1.0, lead=0)
+    ahead = level_microbatches(tab, _work(tab), 1.0, lead=1)
+    assert [sorted(d for d, _ in g) for g in plain] == [[32, 32]]
+    assert [sorted(d for d, _ in g) for g in ahead] == [[16, 32]]
+
+
+def test_lead_build_shortens_a_commoncrawl_step(cm64):
+    """commoncrawl step 3: a build with lookahead (one level build each, no MILP) gives a step
+    about 5% shorter than the same build without it."""
+    lengths = synthetic_lengths("commoncrawl", 512, seed=3)
+    base = PlannerOptions(builds=(LevelBuild(1.1),), use_milp=False, time_limit_s=60.0, bound_time_s=0.0)
+    old = plan_step(cm64, lengths, base)
+    new = plan_step(cm64, lengths, dataclasses.replace(base, builds=(LevelBuild(1.1, lead=2),)))
     new.plan.validate(lengths, cm64.capacity)
     assert new.predicted_step_s < 0.97 * old.predicted_step_s
