@@ -175,7 +175,7 @@ def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s
                 if d >= md and const[d] + c[d] <= upper[l]:
                     x[q, l, d] = var(0.0, float(cnt), I if q < n_single else C)
     # Tokens of the multi-length buckets where they are placed (units of K), so memory counts
-    # actual tokens, not count x least length, and time a tangent in them (``_slopes``).
+    # actual tokens, not count x least length, and time a secant line in them (``_slopes``).
     y = {key: var(0.0, highspy.kHighsInf, C) for key in x if tokens and len(set(L[buckets[key[0]]].tolist())) > 1}
     slope = {(q, d): _slopes(tab, buckets[q], d) for q in {key[0] for key in y} for d in degs}
 
@@ -204,7 +204,7 @@ def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s
 
     def seconds(row: dict, q: int, l: int, d: int, scale: float = 1.0) -> None:
         """Add scale x (least seconds of bucket q's members at (l, d)) to row: c_q(d) per
-        member, plus the tangent's slope times their tokens above the least length."""
+        member, plus the secant slope times their tokens above the least length."""
         j, c = x[q, l, d], bq[q][2][d]
         if (q, l, d) in y:
             k = slope[q, d]
