@@ -1,7 +1,8 @@
 """``seqpar plan`` (adaptive-scattering planner and simulator) and ``seqpar profile``.
 
     seqpar plan --dist wikipedia --world 64 --profile A100-40GB --model gpt-7b
-    seqpar plan --lengths lengths.txt --world 16 --profile A100-40GB --json
+    seqpar plan --lengths lengths.txt --world 16 --profile A100-40GB --json | jq .
+    seqpar plan --dist github --world 64 --profile A100-40GB --deterministic   # same output on any machine
     seqpar plan --store embedded --world 64 --profile A100-40GB --steps 4
     seqpar profile --output my-cluster.yaml                # or under torchrun for bandwidths
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -58,12 +60,14 @@ def run_plan(args: argparse.Namespace) -> dict:
 
     if args.world < 1:
         raise ValueError(f"--world={args.world} must be >= 1")
-    if args.bound_time < 0 or args.time_limit < 0:
-        raise ValueError(f"--time-limit={args.time_limit} and --bound-time={args.bound_time} must be >= 0 seconds")
+    # --deterministic keeps only the closed-form bound unless --bound-time asks for the (timed) MILP bound
+    bound_time = args.bound_time if args.bound_time is not None else (0.0 if args.deterministic else 4.0)
+    if bound_time < 0 or args.time_limit < 0:
+        raise ValueError(f"--time-limit={args.time_limit} and --bound-time={bound_time} must be >= 0 seconds")
     cm = build_cost_model(load_profile(args.profile), resolve_model(args.model), args.world)
     batches, source = _batches(args)
     opts = PlannerOptions(buckets=args.buckets, allow_degree1=not args.no_degree1, all_busy=not args.allow_idle,
-                          time_limit_s=args.time_limit, bound_time_s=args.bound_time)
+                          time_limit_s=None if args.deterministic else args.time_limit, bound_time_s=bound_time)
     r = compare(cm, batches, opts)
     first = r["results"][0]
     max_tok = max(x.max_tokens_per_rank for x in r["results"])
@@ -119,6 +123,19 @@ def format_plan(out: dict) -> str:
     return "\n".join(lines)
 
 
+def _strict(obj):
+    """obj with every non-finite float replaced by None (and numpy scalars made plain)."""
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from seqpar.data.store import StoreError
     from seqpar.scatter.costmodel import CostModelError
@@ -128,7 +145,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out = run_plan(args)
     except (PlanError, CostModelError, StoreError, ValueError, FileNotFoundError) as e:
         return _error(str(e))
-    print(json.dumps(out) if args.json else format_plan(out), flush=True)
+    # Strict JSON (jq and most parsers reject NaN/Infinity): a non-finite number becomes null.
+    print(json.dumps(_strict(out), allow_nan=False) if args.json else format_plan(out), flush=True)
     return 0
 
 
@@ -163,8 +181,13 @@ def add_plan_commands(sub) -> None:
     p.add_argument("--max-len", type=int, default=196_608, help="clip lengths of --dist/--store to this (default 192K)")
     p.add_argument("--buckets", type=int, default=16, help="initial number of length buckets of the MILP")
     p.add_argument("--time-limit", type=float, default=1.0, help="planner wall-clock seconds per step (the first level build always completes)")
-    p.add_argument("--bound-time", type=float, default=4.0,
-                   help="HiGHS seconds per step for the level-MILP lower bound, after the plan and not in solve time (0: closed form only)")
+    p.add_argument("--bound-time", type=float, default=None,
+                   help="HiGHS seconds per step for the level-MILP lower bound, after the plan and not in solve time "
+                        "(default 4; 0: closed form only, the default with --deterministic)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="no wall-clock limits: every level build and search runs to its end and the MILPs stop at a "
+                        "node limit, so the plan depends only on the inputs (slower; the bound is the closed form unless "
+                        "--bound-time is given)")
     p.add_argument("--no-degree1", action="store_true", help="forbid groups of one rank")
     p.add_argument("--allow-idle", action="store_true", help="let ranks idle in a micro-batch (default: all ranks busy)")
     p.set_defaults(func=cmd_plan)

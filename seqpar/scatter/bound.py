@@ -124,10 +124,19 @@ def _levels(tstar: np.ndarray, singles: list[int], grid: int) -> np.ndarray:
     return np.asarray(keep)
 
 
-def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s: float = 4.0,
-                singles: int = 12, ratio: float = 1.4, grid: int = 8, tokens: bool = True) -> tuple[float, dict]:
-    """The level MILP's dual bound (seconds) and {"status", "mip_dual_bound", "bound_s", "rows", "cols",
-    "levels", "buckets"}; 0.0 when HiGHS gives no usable bound (e.g. its root LP did not finish).
+def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s: float | None = 4.0,
+                singles: int = 12, ratio: float = 1.4, grid: int = 8, tokens: bool = True,
+                mip_rel_gap: float = 1e-4, node_limit: int | None = None) -> tuple[float, dict]:
+    """The level MILP's dual bound (seconds) and {"status", "mip_dual_bound", "mip_gap",
+    "mip_rel_gap", "bound_s", "rows", "cols", "levels", "buckets"}; 0.0 when HiGHS gives no
+    usable bound (e.g. its root LP did not finish).
+
+    time_limit_s: HiGHS's wall-clock limit; None: none, so the bound depends only on the inputs
+    (tests, reproducible reports); node_limit: HiGHS's branch-and-bound node limit (None: none;
+    the dual bound is valid wherever HiGHS stops). mip_rel_gap: HiGHS stops once its primal and dual bounds are
+    this close (relative), so two bounds from different models that HiGHS calls "Optimal" can
+    differ by up to that much: compare them with ``info["mip_gap"]`` (the gap it reached) or
+    solve to gap 0.
 
     singles: the slowest sequences kept as 0/1 variables; ratio: max/min length of the other
     buckets; grid: geometric levels between the least and the largest single-sequence time;
@@ -263,13 +272,19 @@ def level_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s
         if tokens:
             add({n[l]: 1.0 for l in range(lp, nl)}, float(-(-tokens // (R * K))), inf)
 
-    h = highs_model(cost, lo_, hi_, rows, kind, max(time_limit_s - (time.perf_counter() - t0), 0.05))
+    left = None if time_limit_s is None else max(time_limit_s - (time.perf_counter() - t0), 0.05)
+    gaps = {"mip_rel_gap": float(mip_rel_gap)}
+    if mip_rel_gap == 0:
+        gaps["mip_abs_gap"] = 0.0  # HiGHS's default absolute gap (1e-6) would stop it short of 0
+    if node_limit is not None:
+        gaps["mip_max_nodes"] = int(node_limit)
+    h = highs_model(cost, lo_, hi_, rows, kind, left, **gaps)
     h.run()
     info = h.getInfo()
     status = h.modelStatusToString(h.getModelStatus())
     dual = float(info.mip_dual_bound)
-    out = {"status": status, "mip_dual_bound": dual, "rows": len(rows), "cols": len(lo_), "levels": nl,
-           "buckets": len(bq)}
+    out = {"status": status, "mip_dual_bound": dual, "mip_gap": float(info.mip_gap), "mip_rel_gap": float(mip_rel_gap),
+           "rows": len(rows), "cols": len(lo_), "levels": nl, "buckets": len(bq)}
     ok = status in ("Optimal", "Time limit reached", "Solution limit reached", "Interrupted by user",
                     "Node limit reached", "Iteration limit reached") and np.isfinite(dual)
     lb = max(0.0, dual * (1 - 1e-6) - 1e-9) if ok else 0.0

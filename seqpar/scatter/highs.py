@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import highspy
 import numpy as np
 
 Row = tuple[dict[int, float], float, float]  # {column: coefficient}, lower, upper
 
+_banner_done = False
 
-def highs_model(cost, col_lo, col_hi, rows: list[Row], integrality, time_limit_s: float, **options) -> highspy.Highs:
+
+def new_highs() -> highspy.Highs:
+    """``highspy.Highs()`` without HiGHS's banner on standard output.
+
+    The first construction in a process writes "Running HiGHS ... Copyright ..." to file
+    descriptor 1 from C++, before ``output_flag`` can be set, so ``contextlib.redirect_stdout``
+    cannot catch it and ``seqpar plan --json`` would not print one JSON document. Point fd 1
+    at /dev/null for that one construction (later ones print nothing)."""
+    global _banner_done
+    if _banner_done:
+        return highspy.Highs()
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    _banner_done = True
+    return h
+
+
+def highs_model(cost, col_lo, col_hi, rows: list[Row], integrality, time_limit_s: float | None,
+                **options) -> highspy.Highs:
     """A quiet, single-threaded Highs instance with the model passed in, not yet run.
 
     cost, col_lo, col_hi, integrality: one entry per column; rows: (coefficients, lower, upper).
-    Single-threaded so solve times mean the same on a shared machine; options go to setOptionValue.
+    time_limit_s: HiGHS's wall-clock limit; None sets none, so the result depends only on the
+    model and the options (HiGHS is deterministic single-threaded: give it a node limit,
+    ``mip_max_nodes``, where work must be bounded). Single-threaded so solve times mean the
+    same on a shared machine; options go to setOptionValue.
     """
     lp = highspy.HighsLp()
     lp.num_col_, lp.num_row_ = len(col_lo), len(rows)
@@ -30,10 +62,10 @@ def highs_model(cost, col_lo, col_hi, rows: list[Row], integrality, time_limit_s
     lp.a_matrix_.index_ = np.asarray(index, dtype=np.int32)
     lp.a_matrix_.value_ = np.asarray(value, dtype=np.float64)
     lp.integrality_ = integrality
-    h = highspy.Highs()
+    h = new_highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)
-    h.setOptionValue("time_limit", float(time_limit_s))
+    h.setOptionValue("time_limit", highspy.kHighsInf if time_limit_s is None else float(time_limit_s))
     for key, val in options.items():
         h.setOptionValue(key, val)
     h.passModel(lp)

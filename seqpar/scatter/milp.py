@@ -24,9 +24,12 @@ Groups = list[tuple[int, list[int]]]
 
 
 def solve_groups(cm: CostModel, lengths, ids: list[int], buckets: list[tuple[int, list[int]]],
-                 warm: Groups | None = None, time_limit_s: float = 1.0, allow_degree1: bool = True,
-                 all_busy: bool = True) -> Groups | None:
-    """MILP group assignment of the sequences ``ids`` (bucketed); None when HiGHS finds nothing."""
+                 warm: Groups | None = None, time_limit_s: float | None = 1.0, allow_degree1: bool = True,
+                 all_busy: bool = True, node_limit: int | None = None) -> Groups | None:
+    """MILP group assignment of the sequences ``ids`` (bucketed); None when HiGHS finds nothing.
+
+    time_limit_s: HiGHS's wall-clock limit (None: none); node_limit: its branch-and-bound node
+    limit (None: none). With a node limit and no clock the result depends only on the inputs."""
     R, K = cm.world, cm.capacity
     n_seq = len(ids)
     Lq = [m for m, _ in buckets]
@@ -80,7 +83,11 @@ def solve_groups(cm: CostModel, lengths, ids: list[int], buckets: list[tuple[int
 
     cost_vec = np.zeros(len(col_lo))
     cost_vec[mk] = 1.0
-    h = highs_model(cost_vec, col_lo, col_hi, rows, integ, max(time_limit_s, 0.01), mip_rel_gap=1e-3)
+    opts: dict = {"mip_rel_gap": 1e-3}
+    if node_limit is not None:
+        opts["mip_max_nodes"] = int(node_limit)
+    h = highs_model(cost_vec, col_lo, col_hi, rows, integ, None if time_limit_s is None else max(time_limit_s, 0.01),
+                    **opts)
     if warm:
         start = _warm_start(cm, lengths, warm, slots, bucket_of, Lq, len(col_lo), mk)
         if start is not None:

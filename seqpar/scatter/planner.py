@@ -49,19 +49,38 @@ DEFAULT_BUILDS = (LevelBuild(1.1, lead=2), LevelBuild(1.2, fast_openers=True, le
 class PlannerOptions:
     """buckets: initial Q of the MILP; allow_degree1: groups of one rank; all_busy: every rank
     works in every micro-batch; time_limit_s: wall-clock budget of the whole step (the first
-    level build and its search always run; further builds and the MILP only within it);
+    level build and its search always run; further builds and the MILP only within it), or
+    None for a deterministic plan (every build and search runs to its end and each micro-batch
+    MILP stops at ``milp_nodes`` branch-and-bound nodes instead of a clock: the same inputs
+    give the same plan on any machine, however busy; for tests and reproducible reports);
     builds: the level builds tried, in order (``levels.LevelBuild``: target-makespan factor,
     opener rule, lookahead); use_milp: False stops after the heuristics (the MILP's warm
-    start); bound_time_s: HiGHS time of the level-MILP lower bound (``bound``), spent after the
-    plan and not counted in solve_s; 0 keeps only ``lower_bound``."""
+    start); milp_nodes: the node limit of each micro-batch MILP when time_limit_s is None;
+    bound_time_s: HiGHS time of the level-MILP lower bound (``bound``), spent after the plan and
+    not counted in solve_s; 0 keeps only ``lower_bound``; None solves it without a clock, to
+    HiGHS's relative gap ``bound_gap``."""
 
     buckets: int = 16
     allow_degree1: bool = True
     all_busy: bool = True
-    time_limit_s: float = 1.0
+    time_limit_s: float | None = 1.0
     builds: tuple[LevelBuild, ...] = DEFAULT_BUILDS
     use_milp: bool = True
-    bound_time_s: float = 4.0
+    milp_nodes: int = 200
+    bound_time_s: float | None = 4.0
+    bound_gap: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.time_limit_s is not None and self.time_limit_s < 0:
+            raise ValueError(f"time_limit_s={self.time_limit_s} must be >= 0 seconds, or None for a deterministic plan")
+        if self.bound_time_s is not None and self.bound_time_s < 0:
+            raise ValueError(f"bound_time_s={self.bound_time_s} must be >= 0 seconds (0: no MILP bound), or None")
+        if self.milp_nodes < 1:
+            raise ValueError(f"milp_nodes={self.milp_nodes} must be >= 1")
+
+    @property
+    def deterministic(self) -> bool:
+        return self.time_limit_s is None
 
 
 @dataclass
@@ -124,16 +143,18 @@ def lower_bound(cm: CostModel, lengths, allow_degree1: bool = True) -> float:
     return max(m * cm.b1 + total_w / cm.world, t_max + (m - 1) * cm.b1, memory)
 
 
-def step_lower_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s: float = 4.0) -> tuple[float, dict]:
-    """max(``lower_bound``, the level MILP's dual bound within ``time_limit_s``) and
-    {"bound_s": seconds spent, "bound_method": "closed-form" or "level-milp", "level_milp": its info}."""
+def step_lower_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_limit_s: float | None = 4.0,
+                     mip_rel_gap: float = 1e-4) -> tuple[float, dict]:
+    """max(``lower_bound``, the level MILP's dual bound within ``time_limit_s``; None: no clock,
+    solved to ``mip_rel_gap``; 0: no MILP) and {"bound_s": seconds spent, "bound_method":
+    "closed-form" or "level-milp", "level_milp": its info}."""
     t0 = time.perf_counter()
     lb = lower_bound(cm, lengths, allow_degree1)
     info: dict = {"bound_method": "closed-form"}
-    if time_limit_s > 0:
+    if time_limit_s is None or time_limit_s > 0:
         from seqpar.scatter.bound import level_bound
 
-        got, milp = level_bound(cm, lengths, allow_degree1, time_limit_s=time_limit_s)
+        got, milp = level_bound(cm, lengths, allow_degree1, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
         info["level_milp"] = milp
         if got > lb:
             lb, info["bound_method"] = got, "level-milp"
@@ -208,8 +229,9 @@ def milp_pass(tab: CostTable, micro: list[Groups], opts: PlannerOptions, deadlin
         ids = [i for _, g in groups for i in g]
         if left > 0.05 and len(ids) > 1:  # HiGHS needs ~tens of ms to set up a model
             buckets = adaptive_buckets(cm, lengths, ids, opts.buckets)
-            got = solve_groups(cm, lengths, ids, buckets, warm=groups, time_limit_s=left / (len(micro) - k),
-                               allow_degree1=opts.allow_degree1, all_busy=opts.all_busy)
+            limit = {"node_limit": opts.milp_nodes} if opts.deterministic else {"time_limit_s": left / (len(micro) - k)}
+            got = solve_groups(cm, lengths, ids, buckets, warm=groups, allow_degree1=opts.allow_degree1,
+                               all_busy=opts.all_busy, **limit)
             if got is not None:
                 got = improve(tab, got)
                 if evaluate_groups(tab, got)[0] < evaluate_groups(tab, groups)[0] - 1e-12:
@@ -224,7 +246,8 @@ def plan_step(cm: CostModel, lengths, opts: PlannerOptions | None = None) -> Pla
     opts = opts or PlannerOptions()
     check_batch(cm, lengths)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    deadline = t0 + 0.85 * opts.time_limit_s  # 15% left for HiGHS overrunning its limit and the layout
+    # 15% left for HiGHS overrunning its limit and the layout; no clock at all when deterministic
+    deadline = float("inf") if opts.deterministic else t0 + 0.85 * opts.time_limit_s
     tab = CostTable(cm, lengths)
     work = seq_work(tab, opts.allow_degree1)
     all_busy = opts.all_busy
@@ -247,7 +270,7 @@ def plan_step(cm: CostModel, lengths, opts: PlannerOptions | None = None) -> Pla
     plan = groups_to_plan(tab, micro)
     solve_s = time.perf_counter() - t0
     cpu_s = time.process_time() - cpu0  # this process's CPU seconds: wall time minus contention
-    lb, binfo = step_lower_bound(cm, lengths, opts.allow_degree1, opts.bound_time_s)
+    lb, binfo = step_lower_bound(cm, lengths, opts.allow_degree1, opts.bound_time_s, opts.bound_gap)
     stats = {"max_tokens_per_rank": plan.max_tokens_per_rank(lengths), "milp_improved_microbatches": wins,
              "all_busy": all_busy, "heuristic_s": heuristic_s, "solve_cpu_s": cpu_s,
              "bound_s": binfo["bound_s"], "bound_method": binfo["bound_method"]}

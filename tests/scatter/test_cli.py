@@ -69,3 +69,36 @@ def test_empty_lengths_file(tmp_path, capsys):
     f.write_text("12\nabc\n")
     code, _, err = _run(capsys, "--lengths", str(f), "--world", "8", "--profile", "A100-40GB")
     assert code == 2 and ":2: 'abc' is not an integer" in err
+
+
+def test_json_stdout_is_one_document_in_a_fresh_process(tmp_path):
+    """HiGHS writes its banner to fd 1 from C++ on the first ``Highs()`` of a process, which
+    ``redirect_stdout`` cannot catch: in a fresh process, stdout must still parse as one JSON
+    document (``seqpar plan ... --json | jq .``), strict (no NaN/Infinity)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "seqpar.launcher", "plan", "--dist", "github", "--world", "16", "--profile", "A100-40GB",
+           "--model", "llama-1b", "--batch-size", "24", "--json", "--time-limit", "0.2", "--bound-time", "0.5"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    obj = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert obj["sequences_per_step"] == [24] and "HiGHS" not in p.stdout
+
+
+def test_deterministic_plans_repeat_exactly(capsys):
+    """--deterministic: no clock anywhere, so two runs print the same plan and numbers."""
+    args = ["--dist", "commoncrawl", "--world", "16", "--profile", "A100-40GB", "--model", "llama-1b",
+            "--batch-size", "32", "--json", "--deterministic"]
+    runs = []
+    for _ in range(2):
+        code, out, err = _run(capsys, *args)
+        assert code == 0, err
+        obj = json.loads(out)
+        for key in ("solve_s", "solve_cpu_s", "heuristic_s", "bound_s"):  # wall-clock reports
+            obj.pop(key)
+        obj["baselines"] = {k: {x: y for x, y in v.items() if not x.endswith("_s") or x == "predicted_step_s"}
+                            for k, v in obj["baselines"].items()}
+        runs.append(obj)
+    assert runs[0] == runs[1]

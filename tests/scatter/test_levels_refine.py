@@ -97,11 +97,14 @@ def test_levels_beat_the_spec_chunking_on_long_tails(cm64, family, seed):
     is well ahead of it and near the bound."""
     lengths = synthetic_lengths(family, 256, seed=seed)
     tab = CostTable(cm64, lengths)
-    res = plan_step(cm64, lengths, PlannerOptions(builds=(LevelBuild(1.0),), use_milp=False))
+    # No clock (the search runs to its end) and the closed-form bound (the MILP bound stops on
+    # a clock; the closed form is lower, so the gap asserted here is the larger of the two).
+    res = plan_step(cm64, lengths, PlannerOptions(builds=(LevelBuild(1.0),), use_milp=False, time_limit_s=None,
+                                                  bound_time_s=0.0))
     res.plan.validate(lengths, cm64.capacity)
     chunked = _step_time(tab, chunked_plan(tab, PlannerOptions(), seq_work(tab)))
     assert chunked / res.predicted_step_s > 1.15
-    assert res.gap < 0.12
+    assert res.stats["bound_method"] == "closed-form" and res.gap < 0.12
 
 
 def test_fast_openers_keep_the_opener_within_the_target(cm64):
@@ -124,7 +127,7 @@ def test_fast_opener_build_shortens_a_step_whose_long_sequence_sets_the_makespan
     7.2 s micro-batch beside groups done by 5.9 s; the fast-opener build (kept only when
     shorter) gives a step several percent shorter. Heuristics only, every build run."""
     lengths = synthetic_lengths("commoncrawl", 512, seed=2)
-    base = PlannerOptions(builds=(LevelBuild(1.0), LevelBuild(1.35)), use_milp=False, time_limit_s=60.0, bound_time_s=0.0)
+    base = PlannerOptions(builds=(LevelBuild(1.0), LevelBuild(1.35)), use_milp=False, time_limit_s=None, bound_time_s=0.0)
     old = plan_step(cm64, lengths, base)
     new = plan_step(cm64, lengths, dataclasses.replace(base, builds=base.builds + (LevelBuild(1.35, fast_openers=True),)))
     new.plan.validate(lengths, cm64.capacity)
@@ -147,7 +150,7 @@ def test_lead_build_shortens_a_commoncrawl_step(cm64):
     """commoncrawl step 3: a build with lookahead (one level build each, no MILP) gives a step
     about 5% shorter than the same build without it."""
     lengths = synthetic_lengths("commoncrawl", 512, seed=3)
-    base = PlannerOptions(builds=(LevelBuild(1.1),), use_milp=False, time_limit_s=60.0, bound_time_s=0.0)
+    base = PlannerOptions(builds=(LevelBuild(1.1),), use_milp=False, time_limit_s=None, bound_time_s=0.0)
     old = plan_step(cm64, lengths, base)
     new = plan_step(cm64, lengths, dataclasses.replace(base, builds=(LevelBuild(1.1, lead=2),)))
     new.plan.validate(lengths, cm64.capacity)
