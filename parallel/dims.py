@@ -13,6 +13,23 @@ class ParallelDimsError(ValueError):
     """Degrees that do not fit together or do not match the world size."""
 
 
+def ulysses_head_error(heads: int, kv_heads: int, ulysses: int) -> str | None:
+    """The one head rule of Ulysses (specs/sequence-parallel.md), or None when it holds.
+
+    Query heads are split over the ``ulysses`` ranks, so heads % ulysses == 0; KV heads are either
+    split (kv_heads % ulysses == 0) or replicated inside the exchange (ulysses % kv_heads == 0).
+    The config check, the attention function and the adaptive planner all ask this function.
+    """
+    if heads % ulysses:
+        return (f"Ulysses degree {ulysses} must divide the number of attention heads {heads} (model.n_heads={heads}, "
+                f"parallel.ulysses={ulysses}): Ulysses splits query heads over its ranks; choose parallel.ulysses "
+                f"dividing {heads} (and put the rest of sp in parallel.ring)")
+    if kv_heads % ulysses and ulysses % kv_heads:
+        return (f"Ulysses degree {ulysses} and kv_heads {kv_heads}: one must divide the other to split or replicate KV "
+                f"heads (model.n_kv_heads={kv_heads}, parallel.ulysses={ulysses}); change one of them")
+    return None
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """Validated parallel degrees.

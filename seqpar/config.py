@@ -246,6 +246,42 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def parallel_dims(self, world_size: int):
+        """Validate the rules that need the world size and return the run's ``ParallelDims``.
+
+        The trainer, ``--dry-run`` and programmatic users all call this one method: parallel
+        degrees against the world (ParallelDimsError), Ulysses head splitting (ConfigError), and
+        the step's streams over dp (ConfigError); one line each.
+        """
+        from seqpar.parallel.dims import ParallelDims
+
+        p = self.parallel
+        dims = ParallelDims(p.dp, p.sp, p.ulysses, p.ring, world_size)
+        check_sp_heads(self.model, dims.ulysses)
+        micro_batches_per_rank(self.data, dims.dp)
+        return dims
+
+
+def check_sp_heads(model_cfg: ModelConfig, ulysses: int) -> None:
+    """Ulysses's head rule (``seqpar.parallel.dims.ulysses_head_error``) as a one-line ConfigError."""
+    from seqpar.parallel.dims import ulysses_head_error
+
+    err = ulysses_head_error(model_cfg.n_heads, model_cfg.n_kv_heads, ulysses)
+    if err:
+        raise ConfigError(err)
+
+
+def micro_batches_per_rank(data_cfg: DataConfig, dp: int) -> int:
+    """Streams (micro-batches) each dp rank runs per optimizer step; ConfigError when they do not split."""
+    streams = data_cfg.streams_per_step
+    if streams % dp != 0:
+        raise ConfigError(
+            f"data.tokens_per_step={data_cfg.tokens_per_step} holds {streams} streams of "
+            f"data.seq_len={data_cfg.seq_len}, which does not split over dp={dp} ranks; "
+            f"make data.tokens_per_step a multiple of {data_cfg.seq_len * dp}"
+        )
+    return streams // dp
+
 
 # ---------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with key and type checking.

@@ -1,28 +1,24 @@
-"""Attention algorithms over packed streams: local now; ring, Ulysses and hybrid plug in here."""
+"""Attention over packed streams: one callable for local, ring, Ulysses and hybrid attention.
+
+The algorithm and process groups of each micro-batch travel in its ``AttnContext.sp``
+(``SPContext``); the attention object holds only the kernel choice.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from seqpar.attention.context import AttentionFn, AttnContext
+from seqpar.attention.context import AttentionFn, AttnContext, SPContext
 
 
-def build_attention(kernel: str, device: torch.device, algorithm: str = "ring", groups=None) -> AttentionFn:
-    """Pick the attention implementation from config (the layer code never changes).
-
-    kernel: ``kernels.attention`` (auto | triton | reference); algorithm: ``parallel.algorithm``;
-    groups: the run's seqpar.parallel Groups, or None for single-device attention. With an SP
-    degree of 1 the local kernel runs directly.
-    """
-    from seqpar.attention.local import LocalAttention
+def build_attention(kernel: str, device: torch.device, causal: bool = True) -> AttentionFn:
+    """The model's attention (the layer code never changes): kernel ``kernels.attention``
+    (auto | triton | reference) resolved for ``device``; everything else comes per call from
+    the context."""
+    from seqpar.attention.sp import ContextAttention
     from seqpar.kernels.dispatch import resolve_impl
 
-    impl = resolve_impl(kernel, device)
-    if groups is None or groups.dims.sp == 1:
-        return LocalAttention(impl)
-    from seqpar.attention.sp import SequenceParallelAttention
-
-    return SequenceParallelAttention(algorithm, groups, impl)
+    return ContextAttention(resolve_impl(kernel, device), causal)
 
 
-__all__ = ["AttnContext", "AttentionFn", "build_attention"]
+__all__ = ["AttnContext", "AttentionFn", "SPContext", "build_attention"]

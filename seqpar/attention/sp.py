@@ -1,8 +1,10 @@
-"""The attention a model layer calls under sequence parallelism, picked by ``parallel.algorithm``.
+"""The attention a model layer calls: local, ring, Ulysses or hybrid, as the micro-batch says.
 
 The layer code never changes (Megatron-core's layer-spec idea): it calls ``attention(q, k, v,
-ctx)`` on its local tokens and gets the output for the same tokens; which algorithm runs, and
-over which groups, is decided here once from the config.
+ctx)`` on its local tokens and gets the output for the same tokens. Which algorithm runs, and
+over which process groups, travels with the micro-batch in ``ctx.sp`` (``SPContext``), so the
+attention object holds only the kernel choice: static SP builds the same context for every
+micro-batch, adaptive scattering a different one per micro-batch.
 """
 
 from __future__ import annotations
@@ -13,32 +15,30 @@ from seqpar.attention.context import AttnContext
 from seqpar.attention.hybrid import hybrid_attention
 from seqpar.attention.ring import ring_attention
 from seqpar.attention.ulysses import ulysses_attention
+from seqpar.kernels.autograd import block_attention
 
 
-class SequenceParallelAttention:
-    """Ring, Ulysses or hybrid attention over the SP groups of ``groups`` (a seqpar.parallel Groups).
+class ContextAttention:
+    """Document-causal attention over packed streams, parallelised as ``ctx.sp`` says.
 
-    Collective over the SP group on every call: all ranks of the group call it in the same order.
+    impl: a resolved kernel implementation ("reference" or "triton"); causal: causal masking
+    within documents. Holds no process group. Collective over ``ctx.sp.group`` when ``ctx.sp``
+    is set (all ranks of the group call it in the same order); local otherwise.
     """
 
-    def __init__(self, algorithm: str, groups, impl: str, causal: bool = True) -> None:
-        if algorithm not in ("ring", "ulysses", "hybrid"):
-            raise ValueError(f"parallel.algorithm={algorithm!r} is not allowed; choose one of 'ring', 'ulysses', 'hybrid'")
-        self.algorithm = algorithm
-        self.groups = groups
+    def __init__(self, impl: str = "reference", causal: bool = True) -> None:
         self.impl = impl
         self.causal = causal
-        self.sp = groups.dims.sp
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        stream = ctx.stream
-        if stream is None or stream.layout.world != self.sp:
-            raise ValueError("sequence-parallel attention needs the micro-batch sharded with a layout of the SP group")
-        kw = dict(causal=self.causal, impl=self.impl)
-        if self.algorithm == "ring":
-            metas = [stream.block([i]) for i in range(self.sp)]
-            return ring_attention(q, k, v, metas, self.groups.sp, **kw)[0]
-        if self.algorithm == "ulysses":
-            metas = [stream.block([i]) for i in range(self.sp)]
-            return ulysses_attention(q, k, v, metas, self.groups.sp, **kw)
-        return hybrid_attention(q, k, v, stream, self.groups.ulysses, self.groups.ring, **kw)
+        sp = ctx.sp
+        if sp is None:  # this rank holds the whole stream
+            return block_attention(q, k, v, ctx.doc_ids, ctx.positions, ctx.doc_ids, ctx.positions,
+                                   causal=self.causal, impl=self.impl)
+        g, kw = sp.group, dict(causal=self.causal, impl=self.impl)
+        if sp.algorithm == "hybrid":
+            return hybrid_attention(q, k, v, sp.stream, g.ulysses, g.ring, **kw)
+        metas = [sp.stream.block([i]) for i in range(g.degree)]
+        if sp.algorithm == "ring":
+            return ring_attention(q, k, v, metas, g.sp, **kw)[0]
+        return ulysses_attention(q, k, v, metas, g.sp, **kw)

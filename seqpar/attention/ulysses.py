@@ -20,17 +20,14 @@ from seqpar.attention.layout import Layout
 from seqpar.attention.meta import BlockMeta, stream_for
 from seqpar.kernels.autograd import block_attention
 from seqpar.parallel.comm import head_to_seq, seq_to_head
+from seqpar.parallel.dims import ulysses_head_error
 
 
 def check_heads(heads: int, kv_heads: int, p: int) -> None:
-    """One-line errors for head counts the Ulysses exchange cannot split."""
-    if heads % p:
-        raise ValueError(f"Ulysses degree {p} must divide the number of attention heads {heads}; change parallel.ulysses")
-    if kv_heads % p and p % kv_heads:
-        raise ValueError(
-            f"Ulysses degree {p} and kv_heads {kv_heads}: one must divide the other to split or replicate KV heads; "
-            "change parallel.ulysses or model.n_kv_heads"
-        )
+    """One-line ValueError for head counts the Ulysses exchange cannot split (``ulysses_head_error``)."""
+    err = ulysses_head_error(heads, kv_heads, p)
+    if err:
+        raise ValueError(err)
 
 
 def _kv_for_exchange(k: torch.Tensor, p: int) -> torch.Tensor:

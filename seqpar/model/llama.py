@@ -14,10 +14,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from seqpar.attention.context import AttentionFn, AttnContext
 from seqpar.config import ModelConfig
+from seqpar.model.init import InitRule, init_parameters
 
 
 class RMSNorm(nn.Module):
@@ -113,29 +113,29 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.reset_parameters()
+        if not self.tok_embeddings.weight.is_meta:  # built under torch.device("meta"): init after sharding
+            self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        # GPT-2 style: scale the residual-branch outputs so the stream's variance stays O(1) with depth.
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=std)
+    def init_rule(self, name: str, shape: tuple[int, ...]) -> InitRule:
+        """Distribution of parameter ``name``: norms' 1-D weights ones; residual-branch outputs
+        (``wo``, ``w2``) normal(init_std / sqrt(2 n_layers)), GPT-2 style so the stream's variance
+        stays O(1) with depth; everything else normal(init_std)."""
+        if len(shape) == 1:
+            return InitRule.ones()
+        if name.endswith(("wo.weight", "w2.weight")):
+            return InitRule.normal(self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers))
+        return InitRule.normal(self.cfg.init_std)
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialise every parameter (plain or sharded) from ``seed`` (default: the seed last given
+        to ``torch.manual_seed``); values do not depend on the layout. See seqpar.model.init."""
+        init_parameters(self, seed if seed is not None else torch.initial_seed(), self.init_rule)
 
     def forward(self, tokens: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         cos, sin = rope_tables(ctx.positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, ctx)
+        for layer in self.layers:  # memory policies (activation checkpointing) are applied from outside
+            x = layer(x, cos, sin, ctx)
         return self.output(self.norm(x)).float()
 
     def num_params(self, exclude_embedding: bool = False) -> int:

@@ -20,16 +20,17 @@ import numpy as np
 
 from seqpar.scatter.costmodel import CostTable
 
-Groups = list[tuple[int, list[int]]]
+#: One micro-batch's SP groups as (degree, sequence ids); ``plan.lay_out`` places them on ranks.
+Grouping = list[tuple[int, list[int]]]
 
 
-def evaluate_groups(tab: CostTable, groups: Groups) -> tuple[float, list[str]]:
+def evaluate_groups(tab: CostTable, groups: Grouping) -> tuple[float, list[str]]:
     """Micro-batch makespan (seconds) and the algorithm of each group."""
     res = [tab.group(d, ids) for d, ids in groups]
     return max((t for t, _ in res), default=0.0), [a for _, a in res]
 
 
-def greedy_groups(tab: CostTable, ids: list[int], allow_degree1: bool = True, all_busy: bool = True) -> Groups | None:
+def greedy_groups(tab: CostTable, ids: list[int], allow_degree1: bool = True, all_busy: bool = True) -> Grouping | None:
     """Greedy groups for the sequences ``ids`` on cm.world ranks; None when they do not fit."""
     best, best_t = None, float("inf")
     for make in (pack_groups, split_groups):
@@ -42,7 +43,7 @@ def greedy_groups(tab: CostTable, ids: list[int], allow_degree1: bool = True, al
     return best
 
 
-def pack_groups(tab: CostTable, ids: list[int], allow_degree1: bool = True, all_busy: bool = True) -> Groups | None:
+def pack_groups(tab: CostTable, ids: list[int], allow_degree1: bool = True, all_busy: bool = True) -> Grouping | None:
     """Bottom-up: minSP groups, best-fit packing, then grow the slowest groups with spare ranks."""
     cm, L = tab.cm, tab.lengths
     R, K = cm.world, cm.capacity
@@ -129,7 +130,7 @@ def _halve(tab: CostTable, d: int, ids: list[int]) -> tuple[list[int], list[int]
     return None
 
 
-def split_groups(tab: CostTable, ids: list[int], allow_degree1: bool = True, all_busy: bool = True) -> Groups | None:
+def split_groups(tab: CostTable, ids: list[int], allow_degree1: bool = True, all_busy: bool = True) -> Grouping | None:
     """Top-down: the binary digits of R as groups (sequences longest first to the group with most
     room), then halve the slowest group while that lowers its time."""
     cm, L = tab.cm, tab.lengths
@@ -168,7 +169,7 @@ def split_groups(tab: CostTable, ids: list[int], allow_degree1: bool = True, all
     return groups
 
 
-def improve(tab: CostTable, groups: Groups, rounds: int = 300, max_swaps: int = 16) -> Groups:
+def improve(tab: CostTable, groups: Grouping, rounds: int = 300, max_swaps: int = 16) -> Grouping:
     """Local search on the slowest group while the makespan falls: move one of its sequences to
     another group, or else exchange one with a sequence of another group."""
     cm, L = tab.cm, tab.lengths
@@ -225,7 +226,7 @@ def improve(tab: CostTable, groups: Groups, rounds: int = 300, max_swaps: int = 
     return groups
 
 
-def _best_swap(tab: CostTable, groups: Groups, a: int, gi, sums, tokens, cap, times) -> tuple[int, int, int] | None:
+def _best_swap(tab: CostTable, groups: Grouping, a: int, gi, sums, tokens, cap, times) -> tuple[int, int, int] | None:
     """The exchange of a sequence of the slowest group a with one of another group that most
     lowers the pair's makespan (memory permitting); None when no exchange helps."""
     L = tab.lengths

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from seqpar.scatter.costmodel import CostTable
-from seqpar.scatter.greedy import Groups, evaluate_groups, greedy_groups, grow, improve
+from seqpar.scatter.greedy import Grouping, evaluate_groups, greedy_groups, grow, improve
 from seqpar.scatter.plan import PlanError
 
 
@@ -77,7 +77,7 @@ def _fast_degree(tab: CostTable, i: int, free: int, target: float, lo: int) -> i
 
 
 def level_microbatches(tab: CostTable, work: np.ndarray, average: float = 1.0,
-                       allow_degree1: bool = True, fast_openers: bool = False, lead: int = 0) -> list[Groups]:
+                       allow_degree1: bool = True, fast_openers: bool = False, lead: int = 0) -> list[Grouping]:
     """Micro-batches of the whole batch built as levels (see the module doc).
 
     work: float64 [n] each sequence's least rank-seconds (``partition.seq_work``).
@@ -93,7 +93,7 @@ def level_microbatches(tab: CostTable, work: np.ndarray, average: float = 1.0,
     # group's time room, is skipped without pricing it against each group.
     cmin = np.min(np.stack([tab.best[d] for d in tab.degrees]), axis=0)
     todo = sorted(range(len(L)), key=lambda i: -int(L[i]))
-    out: list[Groups] = []
+    out: list[Grouping] = []
     while todo:
         first = todo[0]
         d0 = _open_degree(tab, first, cm.max_degree, np.inf, lo)
@@ -157,7 +157,7 @@ def level_microbatches(tab: CostTable, work: np.ndarray, average: float = 1.0,
     return out
 
 
-def complete_groups(tab: CostTable, groups: Groups, allow_degree1: bool = True, all_busy: bool = True) -> Groups | None:
+def complete_groups(tab: CostTable, groups: Grouping, allow_degree1: bool = True, all_busy: bool = True) -> Grouping | None:
     """Finish a level micro-batch: its own groups grown onto the free ranks, or the greedy's
     groups for the same sequences, whichever has the smaller makespan (both locally improved);
     None when neither occupies every rank while ``all_busy`` asks for it."""

@@ -18,14 +18,13 @@ import highspy
 import numpy as np
 
 from seqpar.scatter.costmodel import CostModel, degrees_upto
+from seqpar.scatter.greedy import Grouping
 from seqpar.scatter.highs import highs_model
-
-Groups = list[tuple[int, list[int]]]
 
 
 def solve_groups(cm: CostModel, lengths, ids: list[int], buckets: list[tuple[int, list[int]]],
-                 warm: Groups | None = None, time_limit_s: float | None = 1.0, allow_degree1: bool = True,
-                 all_busy: bool = True, node_limit: int | None = None) -> Groups | None:
+                 warm: Grouping | None = None, time_limit_s: float | None = 1.0, allow_degree1: bool = True,
+                 all_busy: bool = True, node_limit: int | None = None) -> Grouping | None:
     """MILP group assignment of the sequences ``ids`` (bucketed); None when HiGHS finds nothing.
 
     time_limit_s: HiGHS's wall-clock limit (None: none); node_limit: its branch-and-bound node
@@ -102,7 +101,7 @@ def solve_groups(cm: CostModel, lengths, ids: list[int], buckets: list[tuple[int
     return _to_groups(lengths, buckets, slots, val)
 
 
-def _warm_start(cm, lengths, warm: Groups, slots, bucket_of, Lq, ncol: int, mk: int) -> np.ndarray | None:
+def _warm_start(cm, lengths, warm: Grouping, slots, bucket_of, Lq, ncol: int, mk: int) -> np.ndarray | None:
     """Greedy groups as a MILP point: each group to a free slot of its degree, heaviest first."""
     x = np.zeros(ncol)
     free: dict[int, list] = {}
@@ -126,7 +125,7 @@ def _warm_start(cm, lengths, warm: Groups, slots, bucket_of, Lq, ncol: int, mk: 
     return x
 
 
-def _to_groups(lengths, buckets, slots, val: np.ndarray) -> Groups:
+def _to_groups(lengths, buckets, slots, val: np.ndarray) -> Grouping:
     """Bucket counts per slot -> actual sequences: longest first to the least-loaded slot with room."""
     groups: list[tuple[int, list[int]]] = []
     want: list[dict[int, int]] = []

@@ -1,6 +1,6 @@
 """The step plan: versioned, serialisable, validated on every rank (pure).
 
-    plan = Plan(world=8, micro_batches=[MicroBatch([GroupPlan(8, "ulysses", 0, (3, 1))])])
+    plan = Plan(world=8, micro_batches=[MicroBatchPlan([GroupPlan(8, "ulysses", 0, (3, 1))])])
     text = plan.to_json()                      # rank 0 broadcasts this string
     Plan.from_json(text).validate(lengths, capacity)   # every rank checks before running it
 
@@ -51,7 +51,7 @@ class GroupPlan:
 
 
 @dataclass(frozen=True)
-class MicroBatch:
+class MicroBatchPlan:
     groups: tuple[GroupPlan, ...]
 
     def __post_init__(self) -> None:
@@ -63,7 +63,7 @@ class Plan:
     """Micro-batches of one step on ``world`` ranks, with the planner's predictions (seconds)."""
 
     world: int
-    micro_batches: list[MicroBatch]
+    micro_batches: list[MicroBatchPlan]
     predicted_step_s: float = 0.0
     micro_batch_s: list[float] = field(default_factory=list)
     version: int = PLAN_VERSION
@@ -88,7 +88,7 @@ class Plan:
         if version != PLAN_VERSION:
             raise PlanError(f"plan version {version!r} is not supported (this code reads version {PLAN_VERSION}); "
                             "re-plan with the same seqpar version on every rank")
-        mbs = [MicroBatch(tuple(GroupPlan(**g) for g in mb)) for mb in data["micro_batches"]]
+        mbs = [MicroBatchPlan(tuple(GroupPlan(**g) for g in mb)) for mb in data["micro_batches"]]
         return cls(world=int(data["world"]), micro_batches=mbs, predicted_step_s=float(data.get("predicted_step_s", 0.0)),
                    micro_batch_s=[float(x) for x in data.get("micro_batch_s", [])], version=version)
 
@@ -156,7 +156,7 @@ class Plan:
             raise PlanError(f"sequences {bad[:5]} appear {[seen[i] for i in bad[:5]]} times; each must appear exactly once")
 
 
-def lay_out(groups: list[tuple[int, str, list[int]]], cost_split) -> MicroBatch:
+def lay_out(groups: list[tuple[int, str, list[int]]], cost_split) -> MicroBatchPlan:
     """Place (degree, algorithm, seq_ids) groups on consecutive ranks in decreasing degree.
 
     cost_split(degree, algorithm) -> (ulysses, ring). Sorting by decreasing degree makes every
@@ -167,4 +167,4 @@ def lay_out(groups: list[tuple[int, str, list[int]]], cost_split) -> MicroBatch:
         u, r = cost_split(d, algo)
         out.append(GroupPlan(d, algo, at, tuple(ids), u, r))
         at += d
-    return MicroBatch(tuple(out))
+    return MicroBatchPlan(tuple(out))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from seqpar.scatter.costmodel import CostModel, CostTable
-from seqpar.scatter.greedy import Groups, evaluate_groups, greedy_groups, improve
+from seqpar.scatter.greedy import Grouping, evaluate_groups, greedy_groups, improve
 from seqpar.scatter.levels import LevelBuild, complete_groups, level_microbatches
 from seqpar.scatter.milp import solve_groups
 from seqpar.scatter.partition import adaptive_buckets, chunk_by_cost, min_microbatches, seq_work
@@ -162,7 +162,7 @@ def step_lower_bound(cm: CostModel, lengths, allow_degree1: bool = True, time_li
     return lb, info
 
 
-def groups_to_plan(tab: CostTable, micro: list[Groups]) -> Plan:
+def groups_to_plan(tab: CostTable, micro: list[Grouping]) -> Plan:
     cm = tab.cm
     mbs, times = [], []
     for groups in micro:
@@ -172,12 +172,12 @@ def groups_to_plan(tab: CostTable, micro: list[Groups]) -> Plan:
     return Plan(world=cm.world, micro_batches=mbs, predicted_step_s=sum(times), micro_batch_s=times)
 
 
-def _step_time(tab: CostTable, micro: list[Groups]) -> float:
+def _step_time(tab: CostTable, micro: list[Grouping]) -> float:
     return sum(evaluate_groups(tab, g)[0] for g in micro)
 
 
 def level_plan(tab: CostTable, opts: PlannerOptions, work: np.ndarray, build: LevelBuild = LevelBuild(),
-               deadline: float = float("inf")) -> list[Groups] | None:
+               deadline: float = float("inf")) -> list[Grouping] | None:
     """Level micro-batches by ``build``'s rules, completed onto every rank, then the cross-micro-
     batch search; None when some micro-batch cannot occupy every rank (``all_busy``)."""
     levels = level_microbatches(tab, work, build.average, opts.allow_degree1, build.fast_openers, build.lead)
@@ -187,7 +187,7 @@ def level_plan(tab: CostTable, opts: PlannerOptions, work: np.ndarray, build: Le
     return refine_step(tab, micro, opts.allow_degree1, opts.all_busy, deadline=deadline)
 
 
-def chunked_plan(tab: CostTable, opts: PlannerOptions, work) -> list[Groups] | None:
+def chunked_plan(tab: CostTable, opts: PlannerOptions, work) -> list[Grouping] | None:
     """The spec's chunking: contiguous chunks by predicted cost from M_min upwards until the
     greedy places every chunk; the fallback when level micro-batches cannot keep all ranks busy."""
     cm, lengths = tab.cm, tab.lengths
@@ -201,7 +201,7 @@ def chunked_plan(tab: CostTable, opts: PlannerOptions, work) -> list[Groups] | N
     return None
 
 
-def heuristic_plan(tab: CostTable, opts: PlannerOptions, work, deadline: float) -> list[Groups] | None:
+def heuristic_plan(tab: CostTable, opts: PlannerOptions, work, deadline: float) -> list[Grouping] | None:
     """The best of the level builds (``opts.builds``: the first always, each further one only
     when the previous build's duration still fits before ``deadline``; their searches stop at
     ``deadline``) and, only when those fail, the spec's chunking."""
@@ -219,7 +219,7 @@ def heuristic_plan(tab: CostTable, opts: PlannerOptions, work, deadline: float) 
     return best if best is not None else chunked_plan(tab, opts, work)
 
 
-def milp_pass(tab: CostTable, micro: list[Groups], opts: PlannerOptions, deadline: float) -> tuple[list[Groups], int]:
+def milp_pass(tab: CostTable, micro: list[Grouping], opts: PlannerOptions, deadline: float) -> tuple[list[Grouping], int]:
     """Each micro-batch on HiGHS, warm-started from its groups, with an equal share of the time
     left; the MILP's groups (locally improved) replace the heuristic's only when faster."""
     cm, lengths = tab.cm, tab.lengths

@@ -59,8 +59,8 @@ def measure_compute(model_cfg, lengths, device, repeats: int = 2) -> list[float]
     """Seconds of forward + backward of one sequence per length (best of ``repeats`` after a warm-up)."""
     import torch
 
+    from seqpar.attention import build_attention
     from seqpar.attention.context import AttnContext
-    from seqpar.attention.local import LocalAttention
     from seqpar.model.llama import Transformer
 
     cfg = model_cfg
@@ -68,9 +68,8 @@ def measure_compute(model_cfg, lengths, device, repeats: int = 2) -> list[float]
         from dataclasses import replace
 
         cfg = replace(cfg, vocab_size=256)
-    impl = "triton" if device.type == "cuda" else "reference"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Transformer(cfg, attention=LocalAttention(impl)).to(device=device, dtype=dtype)
+    model = Transformer(cfg, attention=build_attention("auto", device)).to(device=device, dtype=dtype)
     out = []
     for s in lengths:
         tokens = torch.randint(0, cfg.vocab_size, (s,), device=device)
@@ -93,16 +92,20 @@ def measure_compute(model_cfg, lengths, device, repeats: int = 2) -> list[float]
 def measure_alltoall(world: int, rank: int, device, sizes=(1 << 16, 1 << 18, 1 << 20)) -> dict[int, tuple[float, float]]:
     """{degree: (bytes/s per rank, latency s)} for all-to-alls in aligned groups of consecutive ranks.
 
-    Collective over the world: every rank creates every group and takes part in its own.
+    Collective over the world: every rank builds the pool of these groups (the core creates no
+    group itself) and takes part in its own.
     """
     import torch
     import torch.distributed as dist
 
+    from seqpar.parallel.pool import GroupPool, adaptive_shapes
+
+    pool = GroupPool.build([s for s in adaptive_shapes(world) if s.degree >= 2 and s.ulysses == s.degree])
     out = {}
     d = 2
     while d <= world:
-        groups = [dist.new_group(list(range(g, g + d))) for g in range(0, world - world % d, d)]
-        mine = groups[rank // d] if rank < len(groups) * d else None
+        first = rank - rank % d
+        mine = pool.get(first, d, d).sp if first + d <= world else None
         xs, ts = [], []
         for n in sizes:  # n float32 elements sent in total per rank
             n -= n % d

@@ -17,7 +17,7 @@ micro-batch makespans):
 - critical moves: a sequence of a micro-batch's slowest group to any group of another
   micro-batch when the sum of the two makespans falls.
 
-Groups never become empty (every rank works, as the plan requires), except when the whole
+Grouping never become empty (every rank works, as the plan requires), except when the whole
 micro-batch empties and is dropped.
 """
 
@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from seqpar.scatter.costmodel import CostTable
-from seqpar.scatter.greedy import Groups, greedy_groups, improve
+from seqpar.scatter.greedy import Grouping, greedy_groups, improve
 
 EPS = 1e-9
 
@@ -42,7 +42,7 @@ class StepState:
     index into the cost table; mb: int64 [G] micro-batch. ids[g]: the group's sequence ids.
     """
 
-    def __init__(self, tab: CostTable, micro: list[Groups]) -> None:
+    def __init__(self, tab: CostTable, micro: list[Grouping]) -> None:
         self.tab = tab
         self.ids: list[list[int]] = []
         self.members: list[list[int]] = []  # groups of each micro-batch
@@ -113,7 +113,7 @@ class StepState:
         for m in {int(self.mb[g]) for g in (a, b) if g >= 0}:
             self.T[m] = self._mb_time(m)
 
-    def replace_mb(self, m: int, groups: Groups | None) -> None:
+    def replace_mb(self, m: int, groups: Grouping | None) -> None:
         """Give micro-batch m new groups (None or [] drops it)."""
         for g in self.members[m]:
             self.alive[g] = False
@@ -131,7 +131,7 @@ class StepState:
             self.alive = np.append(self.alive, True)
         self.T[m] = self._mb_time(m)
 
-    def micro(self) -> list[Groups]:
+    def micro(self) -> list[Grouping]:
         out = []
         for m in np.argsort(-self.T, kind="stable"):  # longest micro-batch first, as planned
             if self.members[m]:
@@ -215,8 +215,8 @@ def critical_moves(st: StepState, max_moves: int = 200) -> int:
     return done
 
 
-def refine_step(tab: CostTable, micro: list[Groups], allow_degree1: bool = True, all_busy: bool = True,
-                rounds: int = 4, deadline: float = float("inf")) -> list[Groups]:
+def refine_step(tab: CostTable, micro: list[Grouping], allow_degree1: bool = True, all_busy: bool = True,
+                rounds: int = 4, deadline: float = float("inf")) -> list[Grouping]:
     """Cross-micro-batch local search (see the module doc); never returns a longer step.
 
     Each round: critical moves, a free pour of every micro-batch (cheapest first), then a

@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     from seqpar.config import ConfigError, load_config
     from seqpar.data.store import StoreError
     from seqpar.parallel.dims import ParallelDimsError
-    from seqpar.train.trainer import TrainingError, train
+    from seqpar.train.errors import TrainingError
+    from seqpar.train.trainer import train
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
         return 2
     except TrainingError as e:
-        from seqpar.train.trainer import CollectiveFailure
+        from seqpar.train.errors import CollectiveFailure
 
         if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveFailure):
             print(f"seqpar: error: {e}", file=sys.stderr, flush=True)

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seqpar.attention.context import AttnContext
+from seqpar.attention.context import AttnContext, SPContext
 from seqpar.kernels.varlen import doc_ids_and_positions
+from seqpar.parallel.pool import SPGroup
 
 IGNORE = -100
 
@@ -63,25 +64,41 @@ def make_microbatch(tokens: np.ndarray, cu_seqlens: np.ndarray, device: torch.de
     )
 
 
-def shard_microbatch(mb: MicroBatch, layout: str, ulysses: int, ring: int, sp_rank: int) -> MicroBatch:
-    """This SP rank's shard of a global micro-batch: tokens, labels, positions and document ids
-    together, plus every rank's metadata for the attention (derived from cu_seqlens, not sent).
+@dataclass(frozen=True)
+class SPAssignment:
+    """How this rank runs a micro-batch: ``algorithm`` over pool ``group`` with ``layout``.
 
-    layout: "zigzag" or "contiguous" (the ring dimension's, for hybrid); sp_rank in the SP group.
+    algorithm: ring | ulysses | hybrid (ignored for a degree-1 group, which runs local
+    attention on the whole stream); layout: zigzag | contiguous (the ring dimension's, for
+    hybrid); group: this rank's view of a ``seqpar.parallel.pool`` group. Static SP uses one
+    assignment for every micro-batch; an adaptive plan gives one per micro-batch.
     """
+
+    algorithm: str
+    layout: str
+    group: SPGroup
+
+
+def shard_microbatch(mb: MicroBatch, sp: SPAssignment) -> MicroBatch:
+    """This rank's shard of a global micro-batch: tokens, labels, positions and document ids
+    together, plus the SP context attention reads (every rank's metadata is derived from
+    cu_seqlens, not sent). A degree-1 group keeps the whole micro-batch (no SP context)."""
     from seqpar.attention.layout import build_layout
     from seqpar.attention.meta import StreamMeta
 
+    g = sp.group
+    if g.degree == 1:
+        return mb
     cu = mb.ctx.cu_seqlens
-    lay = build_layout(cu.cpu().numpy(), layout, ulysses=ulysses, ring=ring)
+    lay = build_layout(cu.cpu().numpy(), sp.layout, ulysses=g.ulysses_degree, ring=g.ring_degree)
     stream = StreamMeta(cu, lay, mb.tokens.device)
     return MicroBatch(
-        tokens=lay.shard(mb.tokens, sp_rank),
-        labels=lay.shard(mb.labels, sp_rank),
+        tokens=lay.shard(mb.tokens, g.rank),
+        labels=lay.shard(mb.labels, g.rank),
         ctx=AttnContext(
-            positions=lay.shard(mb.ctx.positions, sp_rank),
-            doc_ids=lay.shard(mb.ctx.doc_ids, sp_rank),
+            positions=lay.shard(mb.ctx.positions, g.rank),
+            doc_ids=lay.shard(mb.ctx.doc_ids, g.rank),
             cu_seqlens=cu,
-            stream=stream,
+            sp=SPContext(sp.algorithm, g, stream),
         ),
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.config import Config, ConfigError, DataConfig, ModelConfig
+from seqpar.config import Config, ConfigError, ModelConfig, check_sp_heads, micro_batches_per_rank  # noqa: F401 (re-exported)
 from seqpar.hardware import HardwareProfile, load_profile, peak_flops
 from seqpar.model.flops import flops_per_token
 from seqpar.parallel.dims import ParallelDims
@@ -23,37 +23,6 @@ from seqpar.parallel.dims import ParallelDims
 #: Ranks up to which the report lists every rank's coordinates and groups.
 _LIST_RANKS_UP_TO = 16
 _GIB = 2**30
-
-
-def check_sp_heads(model_cfg: ModelConfig, ulysses: int) -> None:
-    """Head rules of Ulysses (specs/sequence-parallel.md), raised as one-line ConfigErrors.
-
-    Query heads are split over the ulysses ranks, so n_heads % ulysses == 0. KV heads are either
-    split (n_kv_heads % ulysses == 0) or replicated inside the exchange (ulysses % n_kv_heads == 0).
-    """
-    h, h_kv = model_cfg.n_heads, model_cfg.n_kv_heads
-    if h % ulysses != 0:
-        raise ConfigError(
-            f"model.n_heads={h} is not divisible by parallel.ulysses={ulysses}: Ulysses splits query heads "
-            f"over its ranks; choose parallel.ulysses dividing {h} (and put the rest of sp in parallel.ring)"
-        )
-    if h_kv % ulysses != 0 and ulysses % h_kv != 0:
-        raise ConfigError(
-            f"model.n_kv_heads={h_kv} and parallel.ulysses={ulysses} do not fit: Ulysses needs n_kv_heads to be a "
-            f"multiple of ulysses (KV heads split) or a divisor of it (KV heads replicated); change one of them"
-        )
-
-
-def micro_batches_per_rank(data_cfg: DataConfig, dp: int) -> int:
-    """Streams (micro-batches) each dp rank runs per optimizer step; ConfigError when they do not split."""
-    streams = data_cfg.streams_per_step
-    if streams % dp != 0:
-        raise ConfigError(
-            f"data.tokens_per_step={data_cfg.tokens_per_step} holds {streams} streams of "
-            f"data.seq_len={data_cfg.seq_len}, which does not split over dp={dp} ranks; "
-            f"make data.tokens_per_step a multiple of {data_cfg.seq_len * dp}"
-        )
-    return streams // dp
 
 
 def resolve_vocab_size(cfg: Config) -> tuple[int, str]:
@@ -115,8 +84,7 @@ class DryRunPlan:
 def plan_dry_run(cfg: Config, world_size: int) -> DryRunPlan:
     """Validate ``cfg`` for ``world_size`` ranks and compute the plan (pure; raises on bad layouts)."""
     p = cfg.parallel
-    dims = ParallelDims(p.dp, p.sp, p.ulysses, p.ring, world_size)
-    check_sp_heads(cfg.model, dims.ulysses)
+    dims = cfg.parallel_dims(world_size)  # the trainer's own validation
     mb = micro_batches_per_rank(cfg.data, dims.dp)
     vocab, vocab_source = resolve_vocab_size(cfg)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)

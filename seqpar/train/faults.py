@@ -14,7 +14,17 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Callable
+from typing import Callable, Protocol
+
+
+class FaultInjector(Protocol):
+    """The trainer's only view of fault injection: three hooks at the edge of the loop."""
+
+    def nan_loss(self, step: int) -> bool: ...
+
+    def hang(self, step: int, stop: Callable[[], bool]) -> None: ...
+
+    def __call__(self, where: str, step: int) -> None: ...
 
 
 def _env_step(name: str) -> int | None:
@@ -23,6 +33,8 @@ def _env_step(name: str) -> int | None:
 
 
 class Faults:
+    """Fault injection from the environment (see the module doc); no-ops when unset."""
+
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.target = int(os.environ.get("SEQPAR_FAULT_RANK", "0"))

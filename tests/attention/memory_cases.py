@@ -17,19 +17,19 @@ def saved_activation_bytes(algorithm: str, ulysses: int, ring: int, seqlens: lis
     from seqpar.attention import build_attention
     from seqpar.config import ModelConfig
     from seqpar.model.llama import Transformer
-    from seqpar.train.batch import make_microbatch, shard_microbatch
+    from seqpar.train.batch import SPAssignment, make_microbatch, shard_microbatch
 
     world = dist.get_world_size()
     groups = sp_groups(ulysses, ring)
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=256)
-    model = Transformer(cfg, build_attention("reference", torch.device("cpu"), algorithm, groups))
+    model = Transformer(cfg, build_attention("reference", torch.device("cpu")))
     tokens = np.random.default_rng(0).integers(0, 256, sum(seqlens))
     cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
     mb = make_microbatch(tokens, cu, torch.device("cpu"))
     if world > 1:
         layout = "contiguous" if algorithm == "ulysses" else "zigzag"
-        mb = shard_microbatch(mb, layout, ulysses, ring, dist.get_rank(groups.sp))
+        mb = shard_microbatch(mb, SPAssignment(algorithm, layout, groups.sp_group))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 

@@ -49,14 +49,30 @@ def test_tied_and_untied_embeddings():
 
 
 def test_activation_checkpointing_same_gradients():
+    """The policy is applied from outside, as the trainer does for model.activation_checkpointing:
+    same gradients, and the blocks really recompute (attention runs twice per layer)."""
+    from seqpar.memory.checkpoint import apply_activation_checkpointing
+
     tokens = np.random.default_rng(2).integers(0, 64, 30)
-    grads = []
+    grads, calls = [], []
     for ckpt in (False, True):
         model = _model(activation_checkpointing=ckpt)
+        if model.cfg.activation_checkpointing:
+            apply_activation_checkpointing(model.layers)
+        attention, count = model.layers[0].attention.attention, [0]
+
+        def counted(*args, _inner=attention):
+            count[0] += 1
+            return _inner(*args)
+
+        for block in model.layers:
+            block.attention.attention = counted
         _run(model, tokens, [0, 12, 30]).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+        calls.append(count[0])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert calls == [2, 4]  # 2 layers: forward only, then forward + recompute
 
 
 def test_rope_is_relative_and_fp32():

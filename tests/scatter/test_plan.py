@@ -2,14 +2,14 @@
 
 import pytest
 
-from seqpar.scatter.plan import GroupPlan, MicroBatch, Plan, PlanError
+from seqpar.scatter.plan import GroupPlan, MicroBatchPlan, Plan, PlanError
 
 
 def _plan():
     return Plan(world=8, micro_batches=[
-        MicroBatch([GroupPlan(4, "hybrid", 0, (0,), 2, 2), GroupPlan(2, "ulysses", 4, (1, 2)), GroupPlan(1, "local", 6, (3,)),
+        MicroBatchPlan([GroupPlan(4, "hybrid", 0, (0,), 2, 2), GroupPlan(2, "ulysses", 4, (1, 2)), GroupPlan(1, "local", 6, (3,)),
                     GroupPlan(1, "local", 7, (4,))]),
-        MicroBatch([GroupPlan(8, "ring", 0, (5,))]),
+        MicroBatchPlan([GroupPlan(8, "ring", 0, (5,))]),
     ], predicted_step_s=3.0, micro_batch_s=[2.0, 1.0])
 
 
@@ -46,16 +46,16 @@ def test_validation_rejects(mutate, message):
     p = _plan()
     mbs = [list(mb.groups) for mb in p.micro_batches]
     mutate(mbs)
-    bad = Plan(world=8, micro_batches=[MicroBatch(g) for g in mbs])
+    bad = Plan(world=8, micro_batches=[MicroBatchPlan(g) for g in mbs])
     with pytest.raises(PlanError, match=message):
         bad.validate(LENGTHS, capacity=100)
 
 
 def test_idle_ranks_allowed_only_when_asked():
-    p = Plan(world=8, micro_batches=[MicroBatch([GroupPlan(4, "ulysses", 0, (0, 1, 2, 3, 4, 5))])])
+    p = Plan(world=8, micro_batches=[MicroBatchPlan([GroupPlan(4, "ulysses", 0, (0, 1, 2, 3, 4, 5))])])
     p.validate([10] * 6, capacity=100, all_busy=False)
     with pytest.raises(PlanError, match="cover 4 ranks"):
         p.validate([10] * 6, capacity=100)
-    increasing = Plan(world=4, micro_batches=[MicroBatch([GroupPlan(1, "local", 0, (0,)), GroupPlan(2, "ring", 1, (1,))])])
+    increasing = Plan(world=4, micro_batches=[MicroBatchPlan([GroupPlan(1, "local", 0, (0,)), GroupPlan(2, "ring", 1, (1,))])])
     with pytest.raises(PlanError):
         increasing.validate([10, 10], capacity=100, all_busy=False)

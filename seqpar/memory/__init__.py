@@ -1,0 +1,1 @@
+"""Activation-memory policies applied to the model from outside (never baked into layers)."""
