@@ -63,7 +63,8 @@ class GroupShape:
         return f"group(first={self.first}, degree={self.degree}, ulysses={self.ulysses} x ring={self.ring})"
 
 
-def _powers_of_two(limit: int) -> list[int]:
+def powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... <= limit: the degrees an aligned group can have (the planner's candidates too)."""
     out, d = [], 1
     while d <= limit:
         out.append(d)
@@ -79,9 +80,9 @@ def adaptive_shapes(world: int) -> list[GroupShape]:
     if world < 1:
         raise ValueError(f"world={world} must be >= 1")
     return [GroupShape(first, d, u)
-            for d in _powers_of_two(world)
+            for d in powers_of_two(world)
             for first in range(0, world - d + 1, d)
-            for u in _powers_of_two(d)]
+            for u in powers_of_two(d)]
 
 
 def static_shapes(dp: int, sp: int, ulysses: int) -> list[GroupShape]:

@@ -21,6 +21,7 @@ from typing import Any
 from seqpar.config import ModelConfig
 from seqpar.hardware import HardwareProfile
 from seqpar.model.flops import matmul_params
+from seqpar.parallel.pool import powers_of_two
 
 #: Group algorithms. "local" is degree 1 (no communication).
 ALGORITHMS: tuple[str, ...] = ("local", "ulysses", "ring", "hybrid")
@@ -37,13 +38,8 @@ def is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def degrees_upto(world: int) -> list[int]:
-    """Power-of-two degrees 1, 2, 4, ... <= world (the candidate group sizes)."""
-    out, d = [], 1
-    while d <= world:
-        out.append(d)
-        d *= 2
-    return out
+#: Power-of-two degrees 1, 2, 4, ... <= world: the candidate group sizes (the group pool's).
+degrees_upto = powers_of_two
 
 
 @dataclass(frozen=True)
