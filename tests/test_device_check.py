@@ -74,7 +74,7 @@ def test_dry_run_passes_and_writes_every_file(tmp_path):
 
 
 def _report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, REPORT, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, REPORT, *args], capture_output=True, text=True, timeout=600)
 
 
 def test_report_fails_a_part_on_timeout_or_bad_outputs(tmp_path):

@@ -15,7 +15,7 @@ def test_wheel_has_only_the_seqpar_namespace(tmp_path):
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), REPO],
         check=True,
         capture_output=True,
-        timeout=300,
+        timeout=600,
     )
     (wheel,) = tmp_path.glob("seqpar-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

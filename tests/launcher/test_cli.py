@@ -7,7 +7,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def seqpar(*args, timeout=300):
+def seqpar(*args, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "seqpar.launcher", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
@@ -51,7 +51,7 @@ def _rank_entry(*overrides):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
 
 

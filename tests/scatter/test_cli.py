@@ -81,7 +81,7 @@ def test_json_stdout_is_one_document_in_a_fresh_process(tmp_path):
 
     cmd = [sys.executable, "-m", "seqpar.launcher", "plan", "--dist", "github", "--world", "16", "--profile", "A100-40GB",
            "--model", "llama-1b", "--batch-size", "24", "--json", "--time-limit", "0.2", "--bound-time", "0.5"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     obj = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert obj["sequences_per_step"] == [24] and "HiGHS" not in p.stdout

@@ -73,7 +73,7 @@ class DistPool:
             self._procs.append(p)
         self.broken = False
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 300.0, **kwargs: Any) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 600.0, **kwargs: Any) -> list[Any]:
         """Call ``fn(*args, **kwargs)`` on every rank; returns the per-rank results in rank order."""
         if self.broken:
             raise RuntimeError("this pool failed earlier and was closed")

@@ -112,7 +112,7 @@ def test_cli_dry_run_prints_the_mesh():
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "world 8 = dp 1 x sp 8 (ulysses 8 x ring 1)" in proc.stdout

@@ -44,7 +44,7 @@ def _launch(overrides, nproc=1, env=None):
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _run(overrides, nproc=1, env=None, timeout=300):
+def _run(overrides, nproc=1, env=None, timeout=600):
     p = _launch(overrides, nproc, env)
     out, err = p.communicate(timeout=timeout)
     return p.returncode, out, err
@@ -137,7 +137,7 @@ def test_stalled_rank_times_out_with_step_and_checkpoint_then_resumes(small_stor
     # 20 s: long enough that start-up skew between ranks on a busy machine never trips it (it
     # covers the rendezvous too), short enough to keep the test quick.
     overrides = _overrides(small_store, run_dir) + ["parallel.timeout_s=20"]
-    # The stalled rank sleeps 600 s unless stopped: _run's 300-s limit fails the test if it is not.
+    # The stalled rank sleeps 600 s unless stopped: _run's 600-s limit fails the test if it is not.
     rc, out, err = _run(overrides, nproc=2, env={"SEQPAR_FAULT_HANG_STEP": "3", "SEQPAR_FAULT_RANK": "1"})
     assert rc != 0
     assert "rank 0: a collective timed out at step 3 after parallel.timeout_s=20 s" in err, err[-3000:]
@@ -162,7 +162,7 @@ def test_nan_skip_option(small_store, tmp_path):
     assert skipped == [False, True, False]
 
 
-def _wait_for_steps(run_dir, n, proc, timeout=120):
+def _wait_for_steps(run_dir, n, proc, timeout=600):
     path = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -185,7 +185,7 @@ def test_sigterm_checkpoints_and_exits_zero(small_store, tmp_path):
 
 def _assert_stopped_with_checkpoint(proc, run_dir):
     """The run exits 0 and its only checkpoint is the last step it logged."""
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     last = max(_losses(run_dir))
     assert _checkpoints(run_dir) == [f"step_{last:06d}"]
