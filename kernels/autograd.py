@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from seqpar.kernels.cpu_flash import whole_doc_attention
 from seqpar.kernels.dispatch import get_impl, resolve_impl
 from seqpar.kernels.reference import compute_dtype
 from seqpar.kernels.varlen import doc_ids_and_positions, validate_cu_seqlens
+
+CPU_FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 class BlockAttention(torch.autograd.Function):
@@ -27,12 +31,15 @@ class BlockAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, q_doc, q_pos, k_doc, k_pos, causal: bool, scale: float, impl: str):
         fwd, bwd = get_impl(impl)
         out, lse = fwd(q, k, v, q_doc, q_pos, k_doc, k_pos, causal=causal, scale=scale)
-        # Keep the compute-dtype out: delta = rowsum(dout * out) is more accurate from it.
+        # The output is saved once, in the input dtype, as the tensor returned (the next layer
+        # saves the same storage); delta = rowsum(dout * out) is taken from it in fp32, as
+        # FlashAttention-2 does.
+        out = out.to(q.dtype)
+        lse = lse.to(compute_dtype(q))
         ctx.save_for_backward(q, k, v, out, lse, q_doc, q_pos, k_doc, k_pos)
         ctx.causal, ctx.scale, ctx.bwd = causal, scale, bwd
-        lse_out = lse.to(compute_dtype(q))
-        ctx.mark_non_differentiable(lse_out)
-        return out.to(q.dtype), lse_out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
@@ -62,17 +69,23 @@ def block_attention(
     scale: float | None = None,
     impl: str = "reference",
     return_lse: bool = False,
+    whole: np.ndarray | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Differentiable attention of q over k/v with the document/position mask rule.
 
     q: [Tq, H, D]; k, v: [Tk, Hkv, D]; q_doc, q_pos: [Tq] int; k_doc, k_pos:
     [Tk] int. scale defaults to 1/sqrt(D); impl is a kernels.attention config
-    value (auto | triton | reference). Returns out [Tq, H, D] in q.dtype and,
-    with return_lse, lse [H, Tq] fp32 (fp64 for fp64 q), not differentiable.
-    Gradients reach q, k, v in their own dtypes.
+    value (auto | triton | sdpa_cpu | reference). whole: host cu_seqlens when q and
+    k are the same tokens and they are whole documents in order (positions
+    0..L-1); with impl sdpa_cpu such a block runs torch's fused CPU kernel.
+    Returns out [Tq, H, D] in q.dtype and, with return_lse, lse [H, Tq] fp32
+    (fp64 for fp64 q), not differentiable. Gradients reach q, k, v in their own dtypes.
     """
     scale = _default_scale(q, scale)
     name = resolve_impl(impl, q.device)
+    if whole is not None and name == "sdpa_cpu" and cpu_flash_applies(q, k, v):
+        out, lse = whole_doc_attention(q, k, v, whole, causal=causal, scale=scale)
+        return (out, lse) if return_lse else out
     out, lse = BlockAttention.apply(q, k, v, q_doc, q_pos, k_doc, k_pos, causal, scale, name)
     return (out, lse) if return_lse else out
 
@@ -99,6 +112,13 @@ def varlen_attention(
         )
     validate_cu_seqlens(cu_seqlens, q.shape[0])
     doc, pos = doc_ids_and_positions(cu_seqlens.to(q.device))
+    whole = cu_seqlens.numpy().astype(np.int64) if cu_seqlens.device.type == "cpu" else None
     return block_attention(
-        q, k, v, doc, pos, doc, pos, causal=causal, scale=scale, impl=impl, return_lse=return_lse
+        q, k, v, doc, pos, doc, pos, causal=causal, scale=scale, impl=impl, return_lse=return_lse, whole=whole
     )
+
+
+def cpu_flash_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """torch's CPU flash kernel takes these tensors: CPU, one dtype of fp32/bf16/fp64, same tokens."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.dtype in CPU_FLASH_DTYPES
+            and k.shape[0] == q.shape[0])

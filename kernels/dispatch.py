@@ -1,8 +1,13 @@
 """Choose a block-attention implementation from the config value.
 
-Config: kernels.attention = auto | triton | reference. Layers never name an
-implementation themselves; they pass the config string through resolve_impl,
-and every distributed path (ring, Ulysses, hybrid) takes its kernels from get_impl.
+Config: kernels.attention = auto | triton | sdpa_cpu | reference. Layers never
+name an implementation themselves; they pass the config string through
+resolve_impl, and every distributed path (ring, Ulysses, hybrid) takes its
+kernels from get_impl.
+
+sdpa_cpu: blocks of whole documents (single device, Ulysses' gathered tokens,
+degree-1 groups) run torch's fused CPU flash kernel (kernels/cpu_flash.py);
+every other block (ring steps, arbitrary masks) the torch reference.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import torch
 
 from seqpar.kernels import reference
 
-CHOICES = ("auto", "triton", "reference")
+CHOICES = ("auto", "triton", "reference", "sdpa_cpu")
 
 FwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 BwdFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+MergeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _check_name(name: str) -> None:
@@ -37,10 +43,10 @@ def _interpreting() -> bool:
 
 
 def resolve_impl(name: str, device: torch.device | str) -> str:
-    """Map a config value to "triton" or "reference" for tensors on device.
+    """Map a config value to "triton", "sdpa_cpu" or "reference" for tensors on device.
 
-    auto: Triton on CUDA when triton is installed, the torch reference
-    elsewhere. triton: CUDA, or any device under TRITON_INTERPRET=1 (the slow
+    auto: Triton on CUDA when triton is installed, sdpa_cpu on CPU, the torch
+    reference elsewhere. sdpa_cpu: CPU only. triton: CUDA, or any device under TRITON_INTERPRET=1 (the slow
     CPU interpreter, for tests); otherwise a ValueError that says what to set.
     """
     _check_name(name)
@@ -48,7 +54,13 @@ def resolve_impl(name: str, device: torch.device | str) -> str:
     if name == "reference":
         return "reference"
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "sdpa_cpu" if device.type == "cpu" else "reference"
+    if name == "sdpa_cpu":
+        if device.type != "cpu":
+            raise ValueError(f"kernels.attention=sdpa_cpu runs on CPU (this run is on {device.type}); use auto")
+        return "sdpa_cpu"
     if not triton_available():
         raise ValueError("kernels.attention=triton needs the triton package (pip install triton); or use auto/reference")
     if device.type != "cuda" and not _interpreting():
@@ -71,4 +83,20 @@ def get_impl(name: str) -> tuple[FwdFn, BwdFn]:
         from seqpar.kernels import triton_attn
 
         return triton_attn.block_attn_fwd, triton_attn.block_attn_bwd
+    # sdpa_cpu's blocks that are not whole documents (ring steps) use the reference.
     return reference.block_attn_fwd, reference.block_attn_bwd
+
+
+def get_merge(name: str) -> MergeFn:
+    """The merge of partial (out, lse) pairs for a resolved implementation name.
+
+    triton: one fused kernel that rescales and accumulates into the running (out, lse) in place
+    (both fp32, owned by the caller); reference (and the CPU path): the torch reference merge,
+    which returns new tensors. Callers use the returned pair either way.
+    """
+    _check_name(name)
+    if name == "triton":
+        from seqpar.kernels import triton_merge
+
+        return triton_merge.merge_
+    return reference.merge

@@ -190,13 +190,16 @@ def block_attn_bwd(
     *,
     causal: bool,
     scale: float,
+    delta: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one key block's share of attention.
 
     dout, out: [Tq, H, D]; lse: [H, Tq]. out and lse must be the FINAL values
     for these queries (merged over all key blocks), so p = exp(scale*q.k - lse)
     over this block need not sum to 1 and delta = rowsum(dout * out) is the
-    global one. Returns dq [Tq, H, D], dk, dv [Tk, Hkv, D] in the compute dtype;
+    global one. delta: optional [H, Tq] in the compute dtype, precomputed once
+    by a caller that runs several key blocks (ring); computed here from dout
+    and out otherwise. Returns dq [Tq, H, D], dk, dv [Tk, Hkv, D] in the compute dtype;
     GQA gradients are summed over the query heads of each group. Rows with
     lse = -inf contribute nothing.
     """
@@ -209,6 +212,7 @@ def block_attn_bwd(
     if lse.shape != (heads, tq):
         raise ValueError(f"block_attn_bwd: lse must be [heads, tokens] = {(heads, tq)}, got {tuple(lse.shape)}")
     dtype = compute_dtype(q, k, v)
+    delta = block_delta(dout, out, dtype) if delta is None else check_delta("block_attn_bwd", delta, heads, tq)
     dq = torch.zeros(tq, heads, dim, dtype=dtype, device=q.device)
     dkt = torch.zeros(kv_heads, k.shape[0], dim, dtype=dtype, device=k.device)  # [Hkv, Tk, D]
     dvt = torch.zeros_like(dkt)
@@ -223,7 +227,7 @@ def block_attn_bwd(
         # scale * q serves both s and dk; not in place, as it may be a view of q.
         qh = _to_heads(q[q0:q1], kv_heads, group, dtype) * scale
         doh = _to_heads(dout[q0:q1], kv_heads, group, dtype)
-        delta = (doh * _to_heads(out[q0:q1], kv_heads, group, dtype)).sum(dim=-1, keepdim=True)
+        row_delta = delta[:, q0:q1].to(dtype).reshape(kv_heads, group * n, 1)
         row_lse = lse[:, q0:q1].to(dtype).reshape(kv_heads, group, n, 1)
         # lse = -inf marks a row with no visible key anywhere: shifting by +inf
         # makes every p of that row exactly 0.
@@ -231,10 +235,21 @@ def block_attn_bwd(
         s = _masked_scores(qh, kt[:, k0:k1], q_doc[q0:q1], q_pos[q0:q1], k_doc[k0:k1], k_pos[k0:k1], causal, n)
         p = s.sub_(row_lse).exp_().view(kv_heads, group * n, m)
         dvt[:, k0:k1] += torch.bmm(p.transpose(1, 2), doh)
-        ds = torch.bmm(doh, vt[:, k0:k1].transpose(1, 2)).sub_(delta).mul_(p)  # p * (dp - delta)
+        ds = torch.bmm(doh, vt[:, k0:k1].transpose(1, 2)).sub_(row_delta).mul_(p)  # p * (dp - delta)
         dq[q0:q1] = _from_heads(torch.bmm(ds, kt[:, k0:k1]).mul_(scale), n)
         dkt[:, k0:k1] += torch.bmm(ds.transpose(1, 2), qh)
     return dq, dkt.transpose(0, 1).contiguous(), dvt.transpose(0, 1).contiguous()
+
+
+def block_delta(dout: torch.Tensor, out: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """delta = rowsum(dout * out) in ``dtype``: [Tq, H, D] x2 -> [H, Tq] (the backward's row term)."""
+    return (dout.to(dtype) * out.to(dtype)).sum(-1).t().contiguous()
+
+
+def check_delta(fn: str, delta: torch.Tensor, heads: int, tq: int) -> torch.Tensor:
+    if delta.shape != (heads, tq):
+        raise ValueError(f"{fn}: delta must be [heads, tokens] = {(heads, tq)}, got {tuple(delta.shape)}")
+    return delta
 
 
 def merge(
@@ -264,6 +279,8 @@ def merge(
     diff = torch.where(empty, 0.0, la - lb)  # -inf - -inf would be NaN
     wa = torch.where(empty, 0.0, torch.sigmoid(diff))
     wb = torch.where(empty, 0.0, torch.sigmoid(-diff))
-    wa = wa.transpose(0, 1).unsqueeze(-1)  # [T, H, 1]
-    wb = wb.transpose(0, 1).unsqueeze(-1)
+    # [T, H, 1], contiguous: a transposed weight would make the broadcast result transposed too,
+    # and the next layer's reshape of the attention output would then copy it.
+    wa = wa.t().contiguous().unsqueeze(-1)
+    wb = wb.t().contiguous().unsqueeze(-1)
     return wa * out_a.to(dtype) + wb * out_b.to(dtype), lse

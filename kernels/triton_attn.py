@@ -18,7 +18,7 @@ import triton
 
 from seqpar.kernels import triton_kernels as tk
 from seqpar.kernels.ranges import key_ranges, query_ranges
-from seqpar.kernels.reference import validate_args
+from seqpar.kernels.reference import block_delta, check_delta, validate_args
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -142,11 +142,13 @@ def block_attn_fwd(q, k, v, q_doc, q_pos, k_doc, k_pos, *, causal: bool, scale: 
     return out, lse
 
 
-def block_attn_bwd(dout, q, k, v, out, lse, q_doc, q_pos, k_doc, k_pos, *, causal: bool, scale: float):
+def block_attn_bwd(dout, q, k, v, out, lse, q_doc, q_pos, k_doc, k_pos, *, causal: bool, scale: float,
+                   delta: torch.Tensor | None = None):
     """Triton version of reference.block_attn_bwd: dq [Tq, H, D], dk, dv [Tk, Hkv, D], all fp32.
 
     out and lse are the final (merged) values for these queries; delta =
-    rowsum(dout * out) is computed here in fp32. Deterministic: no atomics.
+    rowsum(dout * out) [H, Tq] fp32, computed here unless the caller passes it
+    (ring attention computes it once for all key blocks). Deterministic: no atomics.
     """
     kv_heads, group = _check("block_attn_bwd", q, k, v, q_doc, q_pos, k_doc, k_pos)
     tq, heads, dim = q.shape
@@ -166,7 +168,7 @@ def block_attn_bwd(dout, q, k, v, out, lse, q_doc, q_pos, k_doc, k_pos, *, causa
     dv = torch.empty_like(dk)
     q, k, v = _rows(q), _rows(k), _rows(v)
     dout = _rows(dout.to(q.dtype))
-    delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # [H, Tq]
+    delta = block_delta(dout, out) if delta is None else check_delta("block_attn_bwd", delta, heads, tq).float().contiguous()
     lse2 = lse.float()
     # lse = -inf marks a row that sees no key anywhere: +inf makes its p exactly 0.
     lse2 = torch.where(lse2 == float("-inf"), float("inf"), lse2 * LOG2E).contiguous()

@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,34 @@ class CommCounters:
 COUNTERS = CommCounters()
 
 
+class ExchangeTrace:
+    """Order of ring events on this process: ("post" | "wait" | "compute", name, step).
+
+    Off by default (one attribute test per event); tests switch it on around a call to assert
+    that transfers are posted before the compute they overlap and waited for only after it.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.events: list[tuple[str, str, int]] = []
+
+    def record(self, kind: str, name: str, step: int) -> None:
+        if self.enabled:
+            self.events.append((kind, name, step))
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[tuple[str, str, int]]]:
+        self.events = []
+        self.enabled = True
+        try:
+            yield self.events
+        finally:
+            self.enabled = False
+
+
+TRACE = ExchangeTrace()
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -66,8 +95,9 @@ class RingExchange:
         self._reqs: list = []
         self._recv: list[torch.Tensor] = []
 
-    def start(self, send: Sequence[torch.Tensor], recv_shapes: Sequence[tuple[torch.Size, torch.dtype]]) -> None:
-        """Post the transfers (non-blocking)."""
+    def start(self, send: Sequence[torch.Tensor], recv_shapes: Sequence[tuple[torch.Size, torch.dtype]], step: int = -1) -> None:
+        """Post the transfers (non-blocking); ``step`` labels the event in :data:`TRACE`."""
+        TRACE.record("post", self.op_name, step)
         device = send[0].device if send else torch.device("cpu")
         ops = []
         for t in send:
@@ -81,8 +111,9 @@ class RingExchange:
                 ops.append(dist.P2POp(dist.irecv, t, self.prev, self.group))
         self._reqs = dist.batch_isend_irecv(ops) if ops else []
 
-    def wait(self) -> list[torch.Tensor]:
+    def wait(self, step: int = -1) -> list[torch.Tensor]:
         """Block until the hop is done; returns the received tensors."""
+        TRACE.record("wait", self.op_name, step)
         for req in self._reqs:
             req.wait()
         self._reqs = []
@@ -151,3 +182,68 @@ def seq_to_head(x: torch.Tensor, counts: Sequence[int], group: dist.ProcessGroup
 def head_to_seq(x: torch.Tensor, counts: Sequence[int], group: dist.ProcessGroup, op_name: str = "ulysses_a2a") -> torch.Tensor:
     """Inverse of :func:`seq_to_head`: [sum(counts), h, D] -> [counts[rank], P * h, D]."""
     return _Exchange.apply(x, list(counts), group, op_name, False)
+
+
+def _pack_heads(xs: Sequence[torch.Tensor], p: int) -> torch.Tensor:
+    """[T, P * h_i, D] each -> [P * T, sum(h_i), D]: rank j's head slices of every tensor, adjacent."""
+    t, d = xs[0].shape[0], xs[0].shape[2]
+    widths = [x.shape[1] // p for x in xs]
+    send = xs[0].new_empty((p, t, sum(widths), d))
+    off = 0
+    for x, w in zip(xs, widths):  # one copy per tensor, straight into the send buffer
+        send[:, :, off : off + w] = x.reshape(t, p, w, d).transpose(0, 1)
+        off += w
+    return send.view(p * t, sum(widths), d)
+
+
+def _unpack_heads(x: torch.Tensor, widths: Sequence[int], p: int) -> list[torch.Tensor]:
+    """Inverse of :func:`_pack_heads`: [P * T, sum(h_i), D] -> [T, P * h_i, D] each."""
+    t, d = x.shape[0] // p, x.shape[2]
+    x = x.view(p, t, sum(widths), d)
+    out, off = [], 0
+    for w in widths:
+        out.append(x[:, :, off : off + w].transpose(0, 1).reshape(t, p * w, d))
+        off += w
+    return out
+
+
+class _PackedSeqToHead(torch.autograd.Function):
+    """Several tensors' seq -> head exchange in ONE all-to-all (q, k, v of Ulysses); backward too."""
+
+    @staticmethod
+    def forward(ctx, counts, group, op_name, *xs):
+        p, me = dist.get_world_size(group), dist.get_rank(group)
+        t = xs[0].shape[0]
+        if counts[me] != t or any(x.shape[0] != t or x.shape[2] != xs[0].shape[2] for x in xs):
+            raise ValueError(f"seq_to_head: this rank holds {t} tokens (counts say {counts[me]}); "
+                             "every tensor must be [T_me, heads, D] with one D")
+        widths = [x.shape[1] // p for x in xs]
+        ctx.counts, ctx.group, ctx.op_name, ctx.widths = counts, group, op_name, widths
+        recv = _all_to_all(_pack_heads(xs, p), [t] * p, list(counts), group, op_name)
+        out, off = [], 0
+        for w in widths:
+            out.append(recv[:, off : off + w])
+            off += w
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        p, me = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        t = ctx.counts[me]
+        ref = next(g for g in grads if g is not None)
+        parts = [g if g is not None else ref.new_zeros((ref.shape[0], w, ref.shape[2])) for g, w in zip(grads, ctx.widths)]
+        packed = torch.cat(parts, dim=1)
+        back = _all_to_all(packed, list(ctx.counts), [t] * p, ctx.group, ctx.op_name)
+        return (None, None, None, *_unpack_heads(back, ctx.widths, p))
+
+
+def seq_to_head_many(
+    xs: Sequence[torch.Tensor], counts: Sequence[int], group: dist.ProcessGroup, op_name: str = "ulysses_a2a"
+) -> tuple[torch.Tensor, ...]:
+    """:func:`seq_to_head` of several tensors in one all-to-all (collective over ``group``).
+
+    xs[i]: [T_me, heads_i, D] (one D, heads_i divisible by P). Returns [sum(counts), heads_i / P, D]
+    each (views of one receive buffer). Bytes equal separate exchanges; launches: one forward,
+    one backward.
+    """
+    return _PackedSeqToHead.apply(list(counts), group, op_name, *xs)

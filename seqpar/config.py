@@ -228,7 +228,7 @@ class KernelsConfig:
     attention: str = "auto"
 
     def __post_init__(self) -> None:
-        _choice("kernels.attention", self.attention, ("auto", "triton", "reference"))
+        _choice("kernels.attention", self.attention, ("auto", "triton", "reference", "sdpa_cpu"))
 
 
 @dataclass

@@ -13,7 +13,7 @@ from seqpar.attention.context import AttentionFn, AttnContext, SPContext
 
 def build_attention(kernel: str, device: torch.device, causal: bool = True) -> AttentionFn:
     """The model's attention (the layer code never changes): kernel ``kernels.attention``
-    (auto | triton | reference) resolved for ``device``; everything else comes per call from
+    (auto | triton | sdpa_cpu | reference) resolved for ``device``; everything else comes per call from
     the context."""
     from seqpar.attention.sp import ContextAttention
     from seqpar.kernels.dispatch import resolve_impl

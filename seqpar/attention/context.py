@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from seqpar.attention.meta import StreamMeta
@@ -57,13 +58,16 @@ class AttnContext:
     doc_ids: [T_local] int32, document index of each token in the global stream;
     cu_seqlens: [docs + 1] int32, the global stream's documents (identical on every SP rank);
     sp: the SP context when the stream is split over a group of ranks; None when this rank
-    holds the whole stream (single device, or a degree-1 group of an adaptive plan).
+    holds the whole stream (single device, or a degree-1 group of an adaptive plan);
+    host_cu: the same cu_seqlens on the host (int64 numpy), so attention can choose kernels
+    for whole documents without reading the device (None: not known, use the general kernel).
     """
 
     positions: torch.Tensor
     doc_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     sp: SPContext | None = None
+    host_cu: np.ndarray | None = None
 
 
 class AttentionFn(Protocol):

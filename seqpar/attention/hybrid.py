@@ -35,14 +35,17 @@ def hybrid_attention(
     if stream.layout.world != u * r:
         raise ValueError(f"layout is for {stream.layout.world} ranks but ulysses({u}) x ring({r}) = {u * r}")
     ring_index = dist.get_rank(ring_group)
-    ring_metas = [stream.block(range(j * u, (j + 1) * u)) for j in range(r)]
+    ring_blocks = [list(range(j * u, (j + 1) * u)) for j in range(r)]
+    ring_metas = stream.blocks(ring_blocks)
+    vis = stream.visibility(ring_blocks, causal)
 
-    def inner(qh, kh, vh, doc, pos):
-        return ring_attention(qh, kh, vh, ring_metas, ring_group, causal=causal, scale=scale, impl=impl)
+    def inner(qh, kh, vh, meta):
+        return ring_attention(qh, kh, vh, ring_metas, ring_group, causal=causal, scale=scale, impl=impl, vis=vis)
 
-    metas = [stream.block([ring_index * u + i]) for i in range(u)]
+    metas = stream.blocks([[ring_index * u + i] for i in range(u)])
     return ulysses_attention(
-        q, k, v, metas, ulysses_group, causal=causal, scale=scale, impl=impl, inner=inner, return_lse=return_lse
+        q, k, v, metas, ulysses_group, causal=causal, scale=scale, impl=impl, inner=inner, return_lse=return_lse,
+        gathered=ring_metas[ring_index],
     )
 
 

@@ -21,7 +21,7 @@ from seqpar.kernels.autograd import block_attention
 class ContextAttention:
     """Document-causal attention over packed streams, parallelised as ``ctx.sp`` says.
 
-    impl: a resolved kernel implementation ("reference" or "triton"); causal: causal masking
+    impl: a resolved kernel implementation ("reference", "sdpa_cpu" or "triton"); causal: causal masking
     within documents. Holds no process group. Collective over ``ctx.sp.group`` when ``ctx.sp``
     is set (all ranks of the group call it in the same order); local otherwise.
     """
@@ -34,11 +34,12 @@ class ContextAttention:
         sp = ctx.sp
         if sp is None:  # this rank holds the whole stream
             return block_attention(q, k, v, ctx.doc_ids, ctx.positions, ctx.doc_ids, ctx.positions,
-                                   causal=self.causal, impl=self.impl)
+                                   causal=self.causal, impl=self.impl, whole=ctx.host_cu)
         g, kw = sp.group, dict(causal=self.causal, impl=self.impl)
         if sp.algorithm == "hybrid":
             return hybrid_attention(q, k, v, sp.stream, g.ulysses, g.ring, **kw)
-        metas = [sp.stream.block([i]) for i in range(g.degree)]
+        ranks = [[i] for i in range(g.degree)]
+        metas = sp.stream.blocks(ranks)
         if sp.algorithm == "ring":
-            return ring_attention(q, k, v, metas, g.sp, **kw)[0]
-        return ulysses_attention(q, k, v, metas, g.sp, **kw)
+            return ring_attention(q, k, v, metas, g.sp, vis=sp.stream.visibility(ranks, self.causal), **kw)[0]
+        return ulysses_attention(q, k, v, metas, g.sp, gathered=sp.stream.block(list(range(g.degree))), **kw)

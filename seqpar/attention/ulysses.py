@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from seqpar.attention.layout import Layout
 from seqpar.attention.meta import BlockMeta, stream_for
 from seqpar.kernels.autograd import block_attention
-from seqpar.parallel.comm import head_to_seq, seq_to_head
+from seqpar.parallel.comm import head_to_seq, seq_to_head_many
 from seqpar.parallel.dims import ulysses_head_error
 
 
@@ -41,6 +42,16 @@ def _kv_for_exchange(k: torch.Tensor, p: int) -> torch.Tensor:
 InnerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockMeta], tuple[torch.Tensor, torch.Tensor]]
 
 
+def gathered_meta(metas: Sequence[BlockMeta]) -> BlockMeta:
+    """Metadata of all ranks' tokens in rank order, from the per-rank metas (host merge, H2D copy)."""
+    if len(metas) == 1:
+        return metas[0]
+    doc, pos = torch.cat([m.doc for m in metas]), torch.cat([m.pos for m in metas])
+    lo = np.minimum.reduce([m.lo for m in metas])
+    hi = np.maximum.reduce([m.hi for m in metas])
+    return BlockMeta(doc, pos, lo, hi, None)
+
+
 def ulysses_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -53,25 +64,27 @@ def ulysses_attention(
     impl: str = "reference",
     inner: InnerFn | None = None,
     return_lse: bool = False,
+    gathered: BlockMeta | None = None,
 ):
     """Ulysses over ``group`` (collective). metas[i]: tokens of group rank i (their order is the
-    gathered order). q: [T_me, h, d]; k, v: [T_me, h_kv, d]. ``inner`` replaces the local kernel
-    on the gathered tokens (the hybrid plugs ring attention in here). Returns out like q, and
-    lse [h, T_me] fp32 when requested.
+    gathered order); gathered: the metadata of all of them in that order (``StreamMeta.block``
+    of every rank; merged from ``metas`` when omitted). q: [T_me, h, d]; k, v: [T_me, h_kv, d].
+    ``inner`` replaces the local kernel on the gathered tokens (the hybrid plugs ring attention in
+    here). Returns out like q, and lse [h, T_me] fp32 when requested.
+
+    One all-to-all carries q, k and v (and one carries the output back); the backward mirrors it.
     """
     p = dist.get_world_size(group)
     check_heads(q.shape[1], k.shape[1], p)
     counts = [m.size for m in metas]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    qh = seq_to_head(q, counts, group)
-    kh = seq_to_head(_kv_for_exchange(k, p), counts, group)
-    vh = seq_to_head(_kv_for_exchange(v, p), counts, group)
-    doc = torch.cat([m.doc for m in metas])
-    pos = torch.cat([m.pos for m in metas])
+    qh, kh, vh = seq_to_head_many([q, _kv_for_exchange(k, p), _kv_for_exchange(v, p)], counts, group)
+    meta = gathered_meta(metas) if gathered is None else gathered
     if inner is None:
-        out_h, lse_h = block_attention(qh, kh, vh, doc, pos, doc, pos, causal=causal, scale=scale, impl=impl, return_lse=True)
+        out_h, lse_h = block_attention(qh, kh, vh, meta.doc, meta.pos, meta.doc, meta.pos, causal=causal, scale=scale,
+                                       impl=impl, return_lse=True, whole=meta.whole)
     else:
-        out_h, lse_h = inner(qh, kh, vh, doc, pos)
+        out_h, lse_h = inner(qh, kh, vh, meta)
     out = head_to_seq(out_h, counts, group)
     if not return_lse:
         return out
@@ -103,5 +116,6 @@ def ulysses_attn_varlen_func(
     """
     p = dist.get_world_size(group)
     stream = stream_for(cu_seqlens, layout, q.device, ulysses=p)
-    metas = [stream.block([i]) for i in range(p)]
-    return ulysses_attention(q, k, v, metas, group, causal=causal, scale=softmax_scale, impl=impl, return_lse=return_lse)
+    metas = stream.blocks([[i] for i in range(p)])
+    return ulysses_attention(q, k, v, metas, group, causal=causal, scale=softmax_scale, impl=impl, return_lse=return_lse,
+                             gathered=stream.block(list(range(p))))

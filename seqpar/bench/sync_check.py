@@ -43,9 +43,13 @@ if TYPE_CHECKING:
 # dispatcher for CPU tensors (seen in forward code only: autograd does not run torch-function
 # modes inside backward).
 SYNCING_OPS = frozenset({
-    "_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave",
+    "_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+    "unique_consecutive", "repeat_interleave",
 })
-SYNCING_METHODS = frozenset({"tolist", "cpu", "numpy", "__array__"})
+# cpu() is seen through a torch-function mode (forward code); tolist, numpy and __array__ are
+# patched on the Tensor class while counting, so backward code is covered too.
+SYNCING_METHODS = frozenset({"cpu"})
+PATCHED_METHODS = ("tolist", "numpy", "__array__")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Max |triton - reference| / max |reference|, per output; both sides round to the input dtype.
 TOLERANCE = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 1e-4}
@@ -66,14 +70,13 @@ def _caller() -> str | None:
 
 
 class _MethodCounter(TorchFunctionMode):
-    def __init__(self, sites: list[str]) -> None:
+    def __init__(self, counter: "SyncCounter") -> None:
         super().__init__()
-        self.sites = sites
+        self.counter = counter
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        name = getattr(func, "__name__", "")
-        if name in SYNCING_METHODS and (where := _caller()):
-            self.sites.append(f"{name} at {where}")
+        if getattr(func, "__name__", "") in SYNCING_METHODS:
+            self.counter._record(func.__name__)
         return func(*args, **(kwargs or {}))
 
 
@@ -87,18 +90,48 @@ class SyncCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.sites: list[str] = []
-        self._methods = _MethodCounter(self.sites)
+        self._methods = _MethodCounter(self)
+        self._saved: dict[str, Callable | None] = {}
+        self._paused = 0
 
     @property
     def count(self) -> int:
         return len(self.sites)
 
+    def _record(self, name: str) -> None:
+        if not self._paused and (where := _caller()):
+            self.sites.append(f"{name} at {where}")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Calls inside are not counted (an oracle kernel that may synchronise, by design)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
     def __enter__(self) -> "SyncCounter":
         super().__enter__()
         self._methods.__enter__()
+        for name in PATCHED_METHODS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = torch.Tensor.__dict__.get(name)  # None: inherited from TensorBase
+
+            def wrapper(t: torch.Tensor, *a: Any, _name: str = name, _f: Callable = original, **kw: Any) -> Any:
+                self._record(_name)
+                return _f(t, *a, **kw)
+
+            setattr(torch.Tensor, name, wrapper)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        for name, own in self._saved.items():
+            if own is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, own)
+        self._saved.clear()
         self._methods.__exit__(*exc)
         super().__exit__(*exc)
 
@@ -106,8 +139,9 @@ class SyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if name in SYNCING_OPS and not (name == "repeat_interleave" and kwargs.get("output_size") is not None):
-            if where := _caller():
-                self.sites.append(f"{name} at {where}")
+            self._record(name)
+        elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+            self._record("boolean-mask index")  # its output size depends on the mask's values
         return func(*args, **kwargs)
 
 

@@ -60,7 +60,8 @@ def make_microbatch(tokens: np.ndarray, cu_seqlens: np.ndarray, device: torch.de
     return MicroBatch(
         tokens=torch.as_tensor(np.asarray(tokens, dtype=np.int64)).to(device),
         labels=torch.as_tensor(labels).to(device),
-        ctx=AttnContext(positions=positions.to(device), doc_ids=doc_ids.to(device), cu_seqlens=cu.to(device)),
+        ctx=AttnContext(positions=positions.to(device), doc_ids=doc_ids.to(device), cu_seqlens=cu.to(device),
+                        host_cu=np.asarray(cu_seqlens, dtype=np.int64)),
     )
 
 
@@ -90,8 +91,9 @@ def shard_microbatch(mb: MicroBatch, sp: SPAssignment) -> MicroBatch:
     if g.degree == 1:
         return mb
     cu = mb.ctx.cu_seqlens
-    lay = build_layout(cu.cpu().numpy(), sp.layout, ulysses=g.ulysses_degree, ring=g.ring_degree)
-    stream = StreamMeta(cu, lay, mb.tokens.device)
+    host = mb.ctx.host_cu if mb.ctx.host_cu is not None else cu.cpu().numpy().astype(np.int64)
+    lay = build_layout(host, sp.layout, ulysses=g.ulysses_degree, ring=g.ring_degree)
+    stream = StreamMeta(host, lay, mb.tokens.device)
     return MicroBatch(
         tokens=lay.shard(mb.tokens, g.rank),
         labels=lay.shard(mb.labels, g.rank),
@@ -100,5 +102,6 @@ def shard_microbatch(mb: MicroBatch, sp: SPAssignment) -> MicroBatch:
             doc_ids=lay.shard(mb.ctx.doc_ids, g.rank),
             cu_seqlens=cu,
             sp=SPContext(sp.algorithm, g, stream),
+            host_cu=host,
         ),
     )

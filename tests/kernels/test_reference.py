@@ -389,7 +389,11 @@ def test_shape_errors():
 def test_dispatch(monkeypatch):
     from seqpar.kernels import triton_attn
 
-    assert resolve_impl("auto", torch.device("cpu")) == "reference"
+    # auto on CPU: torch's fused CPU kernel for whole-document blocks, the reference elsewhere.
+    assert resolve_impl("auto", torch.device("cpu")) == "sdpa_cpu"
+    assert get_impl("sdpa_cpu") == (block_attn_fwd, block_attn_bwd)
+    with pytest.raises(ValueError, match="sdpa_cpu runs on CPU"):
+        resolve_impl("sdpa_cpu", "cuda")
     assert resolve_impl("auto", "cuda") == "triton"
     assert resolve_impl("reference", "cuda") == "reference"
     assert get_impl("reference") == (block_attn_fwd, block_attn_bwd)
