@@ -93,6 +93,7 @@ class SyncCounter(TorchDispatchMode):
         self._methods = _MethodCounter(self)
         self._saved: dict[str, Callable | None] = {}
         self._paused = 0
+        self._in_method = False
 
     @property
     def count(self) -> int:
@@ -119,8 +120,16 @@ class SyncCounter(TorchDispatchMode):
             self._saved[name] = torch.Tensor.__dict__.get(name)  # None: inherited from TensorBase
 
             def wrapper(t: torch.Tensor, *a: Any, _name: str = name, _f: Callable = original, **kw: Any) -> Any:
+                # The C method re-enters through torch-function handling, which calls the
+                # patched attribute again: count the outermost call only.
+                if self._in_method:
+                    return _f(t, *a, **kw)
                 self._record(_name)
-                return _f(t, *a, **kw)
+                self._in_method = True
+                try:
+                    return _f(t, *a, **kw)
+                finally:
+                    self._in_method = False
 
             setattr(torch.Tensor, name, wrapper)
         return self
