@@ -56,6 +56,16 @@ def _default_scale(q: torch.Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
+def _no_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with no queries or no keys: out = 0, lse = -inf, and zero gradients that still reach
+    q, k and v (an empty pass must give every parameter a gradient: FSDP reduces the same set of
+    gradients on every rank)."""
+    out = q * 0 + (k.sum() + v.sum()) * 0
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
+                     device=q.device)
+    return out, lse
+
+
 def block_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,6 +93,9 @@ def block_attention(
     """
     scale = _default_scale(q, scale)
     name = resolve_impl(impl, q.device)
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        out, lse = _no_tokens(q, k, v)
+        return (out, lse) if return_lse else out
     if whole is not None and name == "sdpa_cpu" and cpu_flash_applies(q, k, v):
         out, lse = whole_doc_attention(q, k, v, whole, causal=causal, scale=scale)
         return (out, lse) if return_lse else out

@@ -31,7 +31,7 @@ def _default_nproc(cfg) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from seqpar.config import ConfigError, load_config
     from seqpar.launcher.torchrun import format_cmd, torchrun_cmd
-    from seqpar.parallel.dims import ParallelDims, ParallelDimsError
+    from seqpar.parallel.dims import ParallelDimsError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             report = dry_run_report(cfg, args.world_size or world)
         else:
-            ParallelDims(cfg.parallel.dp, cfg.parallel.sp, cfg.parallel.ulysses, cfg.parallel.ring, world)
+            cfg.parallel_dims(world)  # the trainer's own validation, before any process starts
         cmd = torchrun_cmd(
             args.config, args.overrides, nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id
         )

@@ -193,7 +193,9 @@ def add_plan_commands(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("profile", help="fit cost-model constants on this device (and bandwidths under torchrun)")
-    p.add_argument("--output", required=True, help="profile YAML to write")
+    p.add_argument("--output", default="",
+                   help="profile YAML to write (default: this device's fit in $SEQPAR_CACHE/profiles, which "
+                        "scatter.profile=auto uses)")
     p.add_argument("--base", default="", help="profile to start from (name or path); default: detected or cpu")
     p.add_argument("--model", default="", help="model preset or config YAML to time (default: a small model)")
     p.add_argument("--lengths", default="256,512,1024,2048", help="comma-separated lengths to time")

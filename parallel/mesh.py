@@ -7,13 +7,14 @@ the same kind of group; dp x sp is the whole world, so FSDP's mesh is the 1-D wo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from seqpar.parallel.dims import ParallelDims
-from seqpar.parallel.pool import GroupPool, SPGroup, static_shapes
+from seqpar.parallel.pool import GroupPool, GroupShape, SPGroup, static_shapes
 
 
 @dataclass
@@ -48,18 +49,19 @@ class Groups:
         return dist.get_rank(self.sp)
 
 
-def build_groups(dims: ParallelDims, device_type: str) -> Groups:
+def build_groups(dims: ParallelDims, device_type: str, extra_shapes: Sequence[GroupShape] = ()) -> Groups:
     """Create the run's static groups: the SP pool, the dp groups and the dp x sp mesh.
 
     Collective over the default group: every rank calls it, in the same order relative to its
     other group creations. device_type: "cuda" or "cpu" (gloo). The world size of the default
-    group must match dims.
+    group must match dims. extra_shapes: more pool shapes (adaptive scattering: every aligned
+    group, ``adaptive_shapes(world)``), created in the same pool.
     """
     world = dist.get_world_size()
     if world != dims.world_size:
         raise ValueError(f"the process group has {world} ranks but the parallel dims were built for {dims.world_size}")
     rank = dist.get_rank()
-    pool = GroupPool.build(static_shapes(dims.dp, dims.sp, dims.ulysses))
+    pool = GroupPool.build([*static_shapes(dims.dp, dims.sp, dims.ulysses), *extra_shapes])
     sp_group = pool.get(dims.coordinates(rank)["dp"] * dims.sp, dims.sp, dims.ulysses)
 
     # Only this rank is a member, so members-only creation is safe here (no peer can disagree on

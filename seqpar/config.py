@@ -87,7 +87,7 @@ class ModelConfig:
         return self.dim // self.n_heads
 
 
-DATA_MODES = ("concat_chunk", "pack", "decompose")
+DATA_MODES = ("concat_chunk", "pack", "decompose", "varlen")
 CURRICULA = ("uniform", "grow_linear", "grow_p2")
 
 
@@ -103,6 +103,7 @@ class DataConfig:
     curriculum: str = "grow_p2"  # decompose: uniform | grow_linear | grow_p2 | comma-separated odds, shortest bucket first
     curriculum_rule: str = "paper"  # decompose: paper (odds over non-empty buckets) | released (odds x token share)
     cycles: int = 1  # decompose: short-to-long cycles per epoch (the sawtooth)
+    prefetch: bool = True  # build the next step's data in a background thread while this step trains
 
     def __post_init__(self) -> None:
         _choice("data.mode", self.mode, DATA_MODES)
@@ -139,7 +140,7 @@ class ParallelConfig:
     sp: int = 1
     ulysses: int = 1
     ring: int = 1
-    algorithm: str = "auto"  # ring | ulysses | hybrid; auto picks from the degrees
+    algorithm: str = "auto"  # ring | ulysses | hybrid | adaptive (per-micro-batch groups, see scatter); auto picks from the degrees
     layout: str = "auto"  # zigzag | contiguous; auto: contiguous for ulysses, zigzag for ring and hybrid
     fsdp: bool = True  # shard parameters, gradients and optimizer state over dp x sp; false replicates
     timeout_s: float = 600.0  # collective timeout: a dead rank fails the job instead of hanging it
@@ -153,8 +154,15 @@ class ParallelConfig:
             self.sp == self.ulysses * self.ring,
             f"parallel.sp={self.sp} must equal parallel.ulysses({self.ulysses}) x parallel.ring({self.ring}) = {self.ulysses * self.ring}",
         )
-        _choice("parallel.algorithm", self.algorithm, ("auto", "ring", "ulysses", "hybrid"))
+        _choice("parallel.algorithm", self.algorithm, ("auto", "ring", "ulysses", "hybrid", "adaptive"))
         _choice("parallel.layout", self.layout, ("auto", "zigzag", "contiguous"))
+        if self.algorithm == "adaptive":
+            # One pool over the whole world (FlexSP): the planner picks degrees and algorithms per
+            # micro-batch, so sp / ulysses / ring / layout are not used.
+            _check(self.dp in (-1, 1), f"parallel.algorithm=adaptive runs the whole world as one pool and needs parallel.dp=1, "
+                                       f"got parallel.dp={self.dp}; set parallel.dp=1 (the planner chooses the group sizes)")
+            self.dp = 1
+            return
         if self.algorithm == "auto":
             self.algorithm = "hybrid" if self.ulysses > 1 and self.ring > 1 else "ulysses" if self.ulysses > 1 else "ring"
         rule = {
@@ -170,6 +178,33 @@ class ParallelConfig:
         )
         if self.layout == "auto":
             self.layout = "contiguous" if self.algorithm == "ulysses" else "zigzag"
+
+
+SCATTER_ALGORITHMS = ("ulysses", "ring", "hybrid")
+
+
+@dataclass
+class ScatterConfig:
+    """Adaptive scattering (``parallel.algorithm: adaptive``); see specs/adaptive-scattering.md."""
+
+    profile: str = "auto"  # cost-model profile: auto (this device's `seqpar profile` fit, else its hardware profile), a name or a YAML path
+    time_limit_s: float = 1.0  # planner wall-clock budget per step (hidden behind the previous step)
+    algorithms: str = "ulysses,ring,hybrid"  # comma-separated, allowed among ulysses, ring, hybrid
+    allow_degree1: bool = True  # groups of one rank (local attention, no communication)
+    capacity_tokens: int = 0  # K tokens per rank; 0: from the memory model (seqpar.scatter.capacity)
+
+    def __post_init__(self) -> None:
+        _check(self.time_limit_s >= 0, f"scatter.time_limit_s={self.time_limit_s} must be >= 0 seconds")
+        _check(self.capacity_tokens >= 0, f"scatter.capacity_tokens={self.capacity_tokens} must be >= 0 (0: from the memory model)")
+        names = [a.strip() for a in self.algorithms.split(",") if a.strip()]
+        _check(bool(names), f"scatter.algorithms={self.algorithms!r} must name at least one of {', '.join(SCATTER_ALGORITHMS)}")
+        for a in names:
+            _choice("scatter.algorithms", a, SCATTER_ALGORITHMS)
+        self.algorithms = ",".join(dict.fromkeys(names))
+
+    @property
+    def algorithm_list(self) -> tuple[str, ...]:
+        return tuple(self.algorithms.split(","))
 
 
 @dataclass
@@ -237,6 +272,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    scatter: ScatterConfig = field(default_factory=ScatterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -256,10 +292,21 @@ class Config:
         from seqpar.parallel.dims import ParallelDims
 
         p = self.parallel
+        if self.adaptive:  # one pool of the whole world; groups are chosen per micro-batch
+            return ParallelDims(1, world_size, 1, world_size, world_size)
         dims = ParallelDims(p.dp, p.sp, p.ulysses, p.ring, world_size)
         check_sp_heads(self.model, dims.ulysses)
         micro_batches_per_rank(self.data, dims.dp)
         return dims
+
+    @property
+    def adaptive(self) -> bool:
+        return self.parallel.algorithm == "adaptive"
+
+    def __post_init__(self) -> None:
+        if self.adaptive and self.data.mode != "varlen":
+            raise ConfigError(f"parallel.algorithm=adaptive plans whole sequences per step and needs data.mode=varlen, "
+                              f"got data.mode={self.data.mode}; set data.mode=varlen")
 
 
 def check_sp_heads(model_cfg: ModelConfig, ulysses: int) -> None:
@@ -274,6 +321,8 @@ def check_sp_heads(model_cfg: ModelConfig, ulysses: int) -> None:
 def micro_batches_per_rank(data_cfg: DataConfig, dp: int) -> int:
     """Streams (micro-batches) each dp rank runs per optimizer step; ConfigError when they do not split."""
     streams = data_cfg.streams_per_step
+    if data_cfg.mode == "varlen":  # the stream count varies per step; padded with empty streams to split over dp
+        return -(-streams // dp)
     if streams % dp != 0:
         raise ConfigError(
             f"data.tokens_per_step={data_cfg.tokens_per_step} holds {streams} streams of "

@@ -198,8 +198,11 @@ class DecomposedBatches:
         lo = int(self.schedule.offset[step])
         return self._order(epoch, k)[lo: lo + (self.base_batch << (self.max_log2 - k))]
 
-    def step_streams(self, step: int) -> list[Stream]:
-        """``base_batch`` streams of ``step``; each is 2^(max-k) whole pieces of bucket k.
+    by_step = True
+
+    def step_streams(self, step: int, first: int = 0, stop: int | None = None) -> list[Stream]:
+        """Streams ``first:stop`` (default all ``base_batch``) of ``step``; each is 2^(max-k) whole
+        pieces of bucket k. Only those streams' tokens are read.
 
         Stream: tokens int64 [2^(max-k) * (2^k + 1)], cu_seqlens int32 marking every piece as
         its own document, so each stream has exactly 2^max targets.
@@ -209,10 +212,15 @@ class DecomposedBatches:
         store, size, per = self.stores[k], (1 << k) + 1, 1 << (self.max_log2 - k)
         cu = np.arange(per + 1, dtype=np.int32) * size
         out = []
-        for b in range(self.base_batch):
+        for b in range(first, self.base_batch if stop is None else min(stop, self.base_batch)):
             tokens = np.concatenate([store.doc(int(i)) for i in ids[b * per:(b + 1) * per]])
             out.append(Stream(tokens=tokens.astype(np.int64), cu_seqlens=cu.copy()))
         return out
+
+    def rank_streams(self, step: int, dp_rank: int, dp: int) -> list[Stream]:
+        """dp rank ``dp_rank``'s share of ``step``'s streams (``base_batch`` must split over ``dp``)."""
+        per = self.base_batch // dp
+        return self.step_streams(step, dp_rank * per, (dp_rank + 1) * per)
 
     def describe(self) -> str:
         """One line: buckets, curriculum, per-step size, and the bucket mix of the planned steps."""

@@ -73,6 +73,8 @@ class CostModel:
     state_bytes_per_rank: float = 0.0
     memory_bytes: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
+    #: SP algorithms groups of two or more ranks may run (``scatter.algorithms``).
+    allowed: tuple[str, ...] = ("ulysses", "ring", "hybrid")
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -82,6 +84,10 @@ class CostModel:
                 f"for activations in {usable:.1f} GiB; use more ranks or a smaller model")
         if self.world < 1:
             raise CostModelError(f"world={self.world} must be >= 1")
+        bad = [a for a in self.allowed if a not in ALGORITHMS[1:]]
+        if bad or not self.allowed or set(self.allowed) == {"hybrid"}:
+            raise CostModelError(f"allowed algorithms {list(self.allowed)}: choose among ulysses, ring, hybrid, with ring "
+                                 "or ulysses among them (hybrid alone leaves groups of two ranks without an algorithm)")
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -90,7 +96,12 @@ class CostModel:
 
     @property
     def max_degree(self) -> int:
-        return 1 << (self.world.bit_length() - 1)
+        """The largest group: a power of two <= world with an allowed algorithm (degrees that can
+        run one form a prefix 1, 2, 4, ...: the Ulysses head rule holds for d/2 when it holds for d)."""
+        d = 1 << (self.world.bit_length() - 1)
+        while d > 1 and not self.algorithms(d):
+            d //= 2
+        return d
 
     def min_degree(self, s: int) -> int:
         """minSP(s) = 2^ceil(log2(ceil(s / K))): the smallest group that holds a sequence of s tokens."""
@@ -107,20 +118,29 @@ class CostModel:
             return u, d // u
         return (d, 1) if algorithm in ("ulysses", "local") else (1, d)
 
+    def ulysses_ok(self, u: int) -> bool:
+        """Whether an all-to-all over u ranks can split this model's heads (``ulysses_head_error``)."""
+        from seqpar.parallel.dims import ulysses_head_error
+
+        return ulysses_head_error(self.n_heads, self.n_kv_heads, u) is None
+
     def _hybrid_inner(self, d: int) -> int:
         u = 1
-        while u * 2 <= min(d // 2, self.gpus_per_node) and self.n_heads % (u * 2) == 0:
+        while u * 2 <= min(d // 2, self.gpus_per_node) and self.ulysses_ok(u * 2):
             u *= 2
         return u
 
     def algorithms(self, d: int) -> list[str]:
-        """Algorithms a group of degree d can run (Ulysses needs heads divisible by d)."""
+        """Algorithms a group of degree d can run: the allowed ones, Ulysses only where the head
+        rule holds for d, hybrid only with an inner Ulysses degree of at least 2."""
         if d == 1:
             return ["local"]
-        algos = ["ring"]
-        if self.n_heads % d == 0:
-            algos.insert(0, "ulysses")
-        if d > 2 and self._hybrid_inner(d) > 1:
+        algos = []
+        if "ulysses" in self.allowed and self.ulysses_ok(d):
+            algos.append("ulysses")
+        if "ring" in self.allowed:
+            algos.append("ring")
+        if "hybrid" in self.allowed and d > 2 and self._hybrid_inner(d) > 1:
             algos.append("hybrid")
         return algos
 

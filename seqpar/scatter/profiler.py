@@ -1,6 +1,7 @@
 """``seqpar profile``: fit the cost model's constants on the current machine and write a profile.
 
     seqpar profile --output my.yaml --base A100-40GB --model llama-1b         # compute only
+    seqpar profile --model configs/tiny-cpu.yaml      # no --output: this device's fit, used by scatter.profile=auto
     torchrun --nproc_per_node 4 -m seqpar.launcher profile --output my.yaml    # + bandwidths (gloo/NCCL)
 
 Compute: forward + backward of one sequence of each length (``--lengths``) on this device, then
@@ -177,6 +178,10 @@ def run_profile(args: Any) -> str | None:
         from seqpar.config import ModelConfig
 
         model = ModelConfig(dim=256, n_layers=2, n_heads=4, vocab_size=256)
+    if model.vocab_size <= 0:  # what measure_compute times (the constants must describe that model)
+        from dataclasses import replace
+
+        model = replace(model, vocab_size=256)
     if world > 1:
         from seqpar.parallel.init import init_distributed
 
@@ -205,7 +210,13 @@ def run_profile(args: Any) -> str | None:
     data["scatter_compute"] = sc
     data["name"] = f"{data.get('name', base_name)}-measured"
     data["description"] = f"measured by seqpar profile on {device.type} ({world} rank(s)) from {base_name}"
-    with open(args.output, "w") as f:
+    output = args.output
+    if not output:  # where `scatter.profile: auto` looks for this device's fit
+        from seqpar.scatter.capacity import fitted_profile_path
+
+        output = fitted_profile_path(detect_profile_name(device) or base_name)
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w") as f:
         f.write("# Written by `seqpar profile`; see seqpar/scatter/profiler.py for what each number is.\n")
         yaml.safe_dump(data, f, sort_keys=False)
-    return args.output
+    return output

@@ -4,8 +4,12 @@ Two sources share one interface (:class:`StepData`):
 - a token store packed into fixed-length streams (``data.mode: pack | concat_chunk``), addressed
   by a global stream index;
 - a dataset decomposition (``data.mode: decompose``): each step draws one length bucket and
-  trains on ``tokens_per_step / 2^max`` streams of that bucket's pieces, addressed by step.
-Both are random access, so a resumed run sees exactly the streams it would have seen.
+  trains on ``tokens_per_step / 2^max`` streams of that bucket's pieces, addressed by step;
+- variable-length steps (``data.mode: varlen``, ``seqpar.data.varlen``): each step is whole
+  documents (cut at ``seq_len``) up to ``tokens_per_step``, addressed by step; the adaptive
+  executor plans them, static SP packs them into streams.
+All are random access, so a resumed run sees exactly the streams it would have seen; step-
+addressed sources read only this dp rank's share.
 """
 
 from __future__ import annotations
@@ -62,11 +66,16 @@ class StepData:
 
     def rank_streams(self, step: int, consumed: int, dp_rank: int, dp: int) -> list:
         """step: 0-based optimizer step; consumed: global streams used before it (pack modes)."""
-        per_rank = self.per_step // dp
         if self.by_step:
-            return self.source.step_streams(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+            return self.source.rank_streams(step, dp_rank, dp)
+        per_rank = self.per_step // dp
         base = consumed + dp_rank * per_rank
         return [self.source[i] for i in range(base, base + per_rank)]
+
+    @property
+    def bucketed(self) -> bool:
+        """Every step draws one length bucket (decompose): ranks must agree on it."""
+        return hasattr(self.source, "step_bucket")
 
     def describe(self) -> str:
         return self.source.describe()
@@ -139,6 +148,11 @@ def open_data(cfg: Config, local_rank: int) -> tuple[StepData, DataSource]:
     prefix, description = _store_prefix(cfg, local_rank)
     store = TokenStore(prefix)
     vocab, eot = _vocab(cfg, read_metadata(prefix) or {}, store.max_token_id(), prefix)
-    streams = PackedStreams(store, mode=cfg.data.mode, seq_len=cfg.data.seq_len, seed=cfg.run.seed, doc_mask=cfg.data.doc_mask)
     description = f"{description}: {store.num_docs:,} docs, {store.num_tokens:,} tokens"
+    if cfg.data.mode == "varlen":
+        from seqpar.data.varlen import VarlenSteps
+
+        steps = VarlenSteps(store, seq_len=cfg.data.seq_len, tokens_per_step=cfg.data.tokens_per_step, seed=cfg.run.seed)
+        return StepData(steps, 0, by_step=True), DataSource(prefix, vocab, eot, description)
+    streams = PackedStreams(store, mode=cfg.data.mode, seq_len=cfg.data.seq_len, seed=cfg.run.seed, doc_mask=cfg.data.doc_mask)
     return StepData(streams, cfg.data.streams_per_step, by_step=False), DataSource(prefix, vocab, eot, description)

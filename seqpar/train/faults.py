@@ -5,6 +5,8 @@ SEQPAR_FAULT_KILL_AFTER_SAVE=N rank SEQPAR_FAULT_RANK is SIGKILLed right after c
 SEQPAR_FAULT_KILL_MID_SAVE=N   rank SEQPAR_FAULT_RANK is SIGKILLed while checkpoint N is being written
 SEQPAR_FAULT_HANG_STEP=N       rank SEQPAR_FAULT_RANK stalls at the start of step N for SEQPAR_FAULT_HANG_S
                                seconds (default 600), or until it is asked to stop (SIGTERM from torchrun)
+SEQPAR_FAULT_SLOW_DATA_S=X     every rank's data preparation of every step does X seconds of CPU-bound
+                               Python work (it holds the GIL, unlike a sleep): tests of data prefetch
 
 Unset (the normal case) every hook is a no-op.
 """
@@ -26,6 +28,8 @@ class FaultInjector(Protocol):
 
     def __call__(self, where: str, step: int) -> None: ...
 
+    def slow_data(self, step: int) -> None: ...
+
 
 def _env_step(name: str) -> int | None:
     value = os.environ.get(name)
@@ -43,6 +47,7 @@ class Faults:
         self.kill_mid_save = _env_step("SEQPAR_FAULT_KILL_MID_SAVE")
         self.hang_step = _env_step("SEQPAR_FAULT_HANG_STEP")
         self.hang_s = float(os.environ.get("SEQPAR_FAULT_HANG_S", "600"))
+        self.slow_data_s = float(os.environ.get("SEQPAR_FAULT_SLOW_DATA_S", "0") or 0)
 
     def _mine(self) -> bool:
         return self.rank == self.target
@@ -63,3 +68,13 @@ class Faults:
             return
         if (where == "mid_save" and self.kill_mid_save == step) or (where == "after_save" and self.kill_after_save == step):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def slow_data(self, step: int) -> None:
+        """CPU-bound work in the data job (a Python loop holds the GIL, so only real overlap hides it)."""
+        if self.slow_data_s <= 0:
+            return
+        end = time.perf_counter() + self.slow_data_s
+        x = 0
+        while time.perf_counter() < end:
+            for i in range(1000):
+                x = (x * 31 + i) % 1_000_003

@@ -102,7 +102,10 @@ class MetricsLogger:
                 f"step {record['step']:>{width}}/{self.total_steps} | loss {record['loss']:.4f} | "
                 f"grad_norm {record['grad_norm']:.3f} | lr {record['lr']:.2e} | "
                 f"tok/s {record['tokens_per_s']:,.0f} | tflops {record.get('tflops_per_s', 0.0):.3f} | mfu {mfu} | "
-                f"mem {mem:.2f} GiB | eta {_fmt_duration(record['eta_s'])}" + (" | skipped (non-finite)" if record.get("skipped") else ""),
+                f"mem {mem:.2f} GiB | data {record.get('data_wait_s', 0.0):.2f}s | eta {_fmt_duration(record['eta_s'])}"
+                + (f" | plan {record['degrees']} pred {record['predicted_step_s']:.2f}s wait {record['plan_wait_s']:.2f}s"
+                   if "degrees" in record else "")
+                + (" | skipped (non-finite)" if record.get("skipped") else ""),
                 file=self.stream,
                 flush=True,
             )

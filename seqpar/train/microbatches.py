@@ -35,8 +35,11 @@ class StaticSP:
         self.device = device
 
     def build(self, streams: Sequence[Stream], step: int) -> list[MicroBatch]:
+        """On the host (the data thread runs this; the feed moves the result to ``device``); the SP
+        context is built for ``device``. An empty stream (varlen padding) runs an empty pass."""
         out = []
+        host = torch.device("cpu")
         for s in streams:
-            mb = make_microbatch(s.tokens, s.cu_seqlens, self.device)
-            out.append(mb if self.assignment is None else shard_microbatch(mb, self.assignment))
+            mb = make_microbatch(s.tokens, s.cu_seqlens, host)
+            out.append(mb if self.assignment is None else shard_microbatch(mb, self.assignment, self.device))
         return out

@@ -39,6 +39,7 @@ from seqpar.model.flops import train_flops
 from seqpar.model.llama import Transformer
 from seqpar.parallel.init import init_distributed
 from seqpar.parallel.mesh import build_groups
+from seqpar.parallel.pool import adaptive_shapes
 from seqpar.train.batch import SPAssignment
 from seqpar.train.build import build_model
 from seqpar.train.checkpoint import Checkpointer
@@ -89,6 +90,8 @@ def _data_meta(cfg: Config, prefix: str) -> dict:
     meta = {"path": prefix, "mode": d.mode, "seq_len": d.seq_len, "doc_mask": d.doc_mask, "seed": cfg.run.seed}
     if d.mode == "decompose":  # the bucket sequence depends on these too
         meta.update(curriculum=d.curriculum, rule=d.curriculum_rule, cycles=d.cycles, tokens_per_step=d.tokens_per_step)
+    if d.mode == "varlen":
+        meta.update(tokens_per_step=d.tokens_per_step)
     return meta
 
 
@@ -106,7 +109,8 @@ class Trainer:
         self.cfg = cfg
         self.info = init_distributed(timeout_s=cfg.parallel.timeout_s)
         self.dims = cfg.parallel_dims(self.info.world_size)
-        self.groups = build_groups(self.dims, self.info.device.type)
+        extra = adaptive_shapes(self.info.world_size) if cfg.adaptive else ()
+        self.groups = build_groups(self.dims, self.info.device.type, extra)
         self.device = self.info.device
         self.is_main = self.info.rank == 0
         self.run_dir = cfg.run.output_dir
@@ -121,6 +125,12 @@ class Trainer:
         self.faults: FaultInjector = faults if faults is not None else Faults(self.info.rank)
         self.micro_batches = self.build_micro_batches()
         self.data_meta = _data_meta(cfg, self.source.prefix)
+        self.cost_model, self.cost_notes = (None, {})
+        if cfg.adaptive:
+            from seqpar.scatter.capacity import run_cost_model
+
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.info.world_size))
+            self.cost_model, self.cost_notes = run_cost_model(cfg, self.info.world_size, self.device, local_world)
 
     # -- builders -----------------------------------------------------------------------------
     def build_model(self, policies: Sequence[ModelPolicy]) -> Transformer:
@@ -142,6 +152,33 @@ class Trainer:
         p = self.cfg.parallel
         sp = None if self.dims.sp == 1 else SPAssignment(p.algorithm, p.layout, self.groups.sp_group)
         return StaticSP(sp, self.device)
+
+    def build_plan_source(self):
+        """Rank 0's planner for adaptive runs: a planner process with ``scatter.time_limit_s``
+        (``bound_time_s=0``: the bound is for reports, not training). Subclasses (tests) may
+        return ``seqpar.scatter.plan_source.ForcedPlans`` or an ``InlinePlanner``."""
+        from seqpar.scatter.plan_source import PlannerProcess
+        from seqpar.scatter.planner import PlannerOptions
+
+        opts = PlannerOptions(allow_degree1=self.cfg.scatter.allow_degree1, time_limit_s=self.cfg.scatter.time_limit_s,
+                              bound_time_s=0.0, all_busy=True)
+        return PlannerProcess(self.cost_model, opts)
+
+    def build_feed(self):
+        """The data feed: static SP's streams, or the adaptive executor's plans (see ``feed``)."""
+        from seqpar.train.feed import AdaptiveFeed, StaticFeed
+
+        cfg, groups, dims = self.cfg, self.groups, self.dims
+        if cfg.adaptive:
+            from seqpar.scatter.executor import AdaptiveExecutor
+
+            source = self.build_plan_source() if self.is_main else None
+            executor = AdaptiveExecutor(self.step_data.source, self.cost_model.capacity, groups.pool, groups.world,
+                                        self.device, source, cfg.train.steps)
+            return AdaptiveFeed(executor, cfg.train.steps, self.device, cfg.data.prefetch, self.faults.slow_data)
+        rank_streams = lambda step, consumed: self.step_data.rank_streams(step, consumed, groups.dp_rank, dims.dp)  # noqa: E731
+        return StaticFeed(rank_streams, self.micro_batches, cfg.data.streams_per_step, cfg.train.steps, self.device,
+                          cfg.data.prefetch, self.faults.slow_data)
 
     # -- the loop -------------------------------------------------------------------------------
     def _resume(self, latest: str | None, log: MetricsLogger) -> tuple[int, int]:
@@ -166,13 +203,21 @@ class Trainer:
 
     def _log_start(self, log: MetricsLogger, peak: float | None, profile) -> None:
         cfg = self.cfg
-        log.info(f"seqpar | {self.dims.describe()} | backend {self.info.backend} | device {self.device.type} | "
-                 f"fsdp {'on' if cfg.parallel.fsdp else 'off'}")
+        layout = (f"world {self.info.world_size}, adaptive (groups chosen per micro-batch)" if cfg.adaptive
+                  else self.dims.describe())
+        log.info(f"seqpar | {layout} | backend {self.info.backend} | device {self.device.type} | "
+                 f"fsdp {'on' if cfg.parallel.fsdp else 'off'} | data prefetch {'on' if cfg.data.prefetch else 'off'}")
         log.info(
             f"model {self.model.num_params() / 1e6:.2f}M params | data {self.source.description} | "
             f"{self.step_data.describe()} | {cfg.data.tokens_per_step:,} tokens/step | run dir {self.run_dir}"
         )
         log.info(self.groups.pool.describe())
+        if cfg.adaptive:
+            from seqpar.scatter.capacity import degree_summary
+
+            cm, notes = self.cost_model, self.cost_notes
+            log.info(f"adaptive: profile {notes['profile']} | K = {cm.capacity:,} tokens/rank ({notes['capacity_from']}) | "
+                     f"{degree_summary(cm)} | planner time limit {cfg.scatter.time_limit_s:g} s")
         log.info(
             "FLOPs: model FLOPs (6 x matmul params per token + causal attention per document, recompute not counted); "
             f"peak {'n/a' if peak is None else f'{peak / 1e12:.1f} TFLOP/s per device'} "
@@ -219,15 +264,23 @@ class Trainer:
         preempt = PreemptionFlag()
         records: list[dict] = []
         step = start_step
+        self.feed = feed = self.build_feed()
         try:
+            feed.start(step, consumed)
+            first = getattr(feed, "last_plan", None)
+            if first is not None:
+                log.info(f"adaptive: step {step + 1} plan: {first.plan.num_microbatches} micro-batches, degrees "
+                         f"{first.degrees}, predicted {first.plan.predicted_step_s:.3f} s ({first.method}, "
+                         f"planned in {first.solve_s:.2f} s)")
             while step < cfg.train.steps:
                 t0 = time.perf_counter()
-                if self.step_data.by_step:
+                if self.step_data.bucketed:
                     _check_same_bucket(self.step_data.source.step_bucket(step), step, groups.world, self.device)
                 self.faults.hang(step + 1, lambda: preempt.requested)
-                streams = self.step_data.rank_streams(step, consumed, groups.dp_rank, dims.dp)
-                doc_lengths = [int(n) for s in streams for n in (s.cu_seqlens[1:] - s.cu_seqlens[:-1])]
-                res = self.forward_backward_step(self.micro_batches.build(streams, step), self.faults.nan_loss(step + 1))
+                batch = feed.next(step)
+                doc_lengths = batch.doc_lengths
+                res = self.forward_backward_step(batch.micro_batches, self.faults.nan_loss(step + 1))
+                feed.after_backward(step)
                 norm = grad_norm(self.model, cfg.train.grad_clip)
                 bad = bad_ranks(res.local_finite, groups.world, self.device)
                 finite = not bad and math.isfinite(res.loss) and math.isfinite(norm)
@@ -261,8 +314,13 @@ class Trainer:
                     "tflops_per_s": per_device / 1e12,
                     "mfu": None if peak is None else per_device / peak,
                     "skipped": not finite,
+                    "data_wait_s": batch.data_wait_s,
                     **memory_gib(self.device),
                 }
+                if batch.plan is not None:
+                    p = batch.plan
+                    record.update(predicted_step_s=p.plan.predicted_step_s, micro_batches=p.plan.num_microbatches,
+                                  degrees=p.degrees, plan_solve_s=p.solve_s, plan_wait_s=p.wait_s)
                 log.log(record, format_mfu(record["mfu"]),
                         print_line=step % cfg.logging.log_every == 0 or step in (start_step + 1, cfg.train.steps))
                 records.append(record)
@@ -287,6 +345,7 @@ class Trainer:
                 raise
             raise failure from e
         finally:
+            feed.close()
             preempt.restore()
             log.close()
         if records:
