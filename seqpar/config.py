@@ -192,9 +192,12 @@ class ScatterConfig:
     algorithms: str = "ulysses,ring,hybrid"  # comma-separated, allowed among ulysses, ring, hybrid
     allow_degree1: bool = True  # groups of one rank (local attention, no communication)
     capacity_tokens: int = 0  # K tokens per rank; 0: from the memory model (seqpar.scatter.capacity)
+    static_degree: int = 0  # 0: adaptive plans; d: the static baseline through the executor (every group of degree d, best-fit packing)
 
     def __post_init__(self) -> None:
         _check(self.time_limit_s >= 0, f"scatter.time_limit_s={self.time_limit_s} must be >= 0 seconds")
+        _check(self.static_degree >= 0 and self.static_degree & (self.static_degree - 1) == 0,
+               f"scatter.static_degree={self.static_degree} must be 0 (adaptive) or a power of two")
         _check(self.capacity_tokens >= 0, f"scatter.capacity_tokens={self.capacity_tokens} must be >= 0 (0: from the memory model)")
         names = [a.strip() for a in self.algorithms.split(",") if a.strip()]
         _check(bool(names), f"scatter.algorithms={self.algorithms!r} must name at least one of {', '.join(SCATTER_ALGORITHMS)}")

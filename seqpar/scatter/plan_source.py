@@ -98,6 +98,32 @@ class ForcedPlans:
         self._pending.clear()
 
 
+class StaticPlans:
+    """The static baseline through the executor: every group of one degree, sequences best-fit
+    packed (``baselines.static_plan``, what Megatron-CP / DeepSpeed-Ulysses do)."""
+
+    def __init__(self, cm: CostModel, degree: int) -> None:
+        self.cm, self.degree = cm, degree
+        self._pending: dict[int, np.ndarray] = {}
+
+    def request(self, step: int, lengths: np.ndarray) -> None:
+        self._pending[step] = np.asarray(lengths)
+
+    def result(self, step: int) -> PlanReply:
+        from seqpar.scatter.baselines import static_plan
+
+        t0 = time.perf_counter()
+        got = static_plan(self.cm, [int(x) for x in self._pending.pop(step)], self.degree)
+        if got is None:
+            return PlanReply(step, "", 0.0, "static", 0.0,
+                             f"scatter.static_degree={self.degree} cannot hold the step's longest sequence "
+                             f"(K={self.cm.capacity} tokens per rank, at most {self.cm.max_degree} ranks per group)")
+        return PlanReply(step, got[1].to_json(), time.perf_counter() - t0, f"static degree {self.degree}", got[0])
+
+    def close(self) -> None:
+        self._pending.clear()
+
+
 class PlannerProcess:
     """A planner in a child process (``serve``), one step at a time, in the order requested."""
 

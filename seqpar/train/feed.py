@@ -63,9 +63,11 @@ class _Worker:
         out = job.result() if isinstance(job, Future) else job()
         return out, time.perf_counter() - t0
 
-    def done(self, step: int) -> bool:
-        job = self._jobs.get(step)
-        return isinstance(job, Future) and job.done()
+    def wait_pending(self) -> None:
+        """Block until every queued job has finished (tests: a step longer than the data work)."""
+        for job in list(self._jobs.values()):
+            if isinstance(job, Future):
+                job.exception()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -126,15 +128,10 @@ class StaticFeed:
     def after_backward(self, step: int) -> None:
         pass
 
-    def ready(self, step: int) -> bool:
-        """Whether ``step``'s data is prepared already (tests)."""
-        return self._worker.done(step)
-
-    def wait_ready(self, step: int) -> None:
-        """Block until ``step``'s prefetch job is finished (tests: a step longer than the data work)."""
-        job = self._worker._jobs.get(step)
-        if isinstance(job, Future):
-            job.exception()
+    def wait_pending(self) -> None:
+        """Block until the queued data jobs have finished (tests model a step longer than the data
+        work this way instead of depending on thread timing)."""
+        self._worker.wait_pending()
 
     def close(self) -> None:
         self._worker.close()
@@ -201,6 +198,10 @@ class AdaptiveFeed(StaticFeed):
     def after_backward(self, step: int) -> None:
         if step + 1 < self.num_steps:
             self._plan_and_build(step + 1)
+
+    def wait_pending(self) -> None:
+        self._loader.wait_pending()
+        super().wait_pending()
 
     def close(self) -> None:
         super().close()

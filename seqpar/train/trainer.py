@@ -155,11 +155,14 @@ class Trainer:
 
     def build_plan_source(self):
         """Rank 0's planner for adaptive runs: a planner process with ``scatter.time_limit_s``
-        (``bound_time_s=0``: the bound is for reports, not training). Subclasses (tests) may
+        (``bound_time_s=0``: the bound is for reports, not training), or the static baseline of
+        ``scatter.static_degree``. Subclasses (tests) may
         return ``seqpar.scatter.plan_source.ForcedPlans`` or an ``InlinePlanner``."""
-        from seqpar.scatter.plan_source import PlannerProcess
+        from seqpar.scatter.plan_source import PlannerProcess, StaticPlans
         from seqpar.scatter.planner import PlannerOptions
 
+        if self.cfg.scatter.static_degree:
+            return StaticPlans(self.cost_model, self.cfg.scatter.static_degree)
         opts = PlannerOptions(allow_degree1=self.cfg.scatter.allow_degree1, time_limit_s=self.cfg.scatter.time_limit_s,
                               bound_time_s=0.0, all_busy=True)
         return PlannerProcess(self.cost_model, opts)
