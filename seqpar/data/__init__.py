@@ -10,4 +10,5 @@ loaded only when a store is opened or written):
 - ``streams``: ``PackedStreams(store, mode, seq_len, seed, doc_mask)[i] -> Stream``
 - ``decompose``: ``decompose_store(prefix, output_dir, ...)``, ``load_manifest(dir)`` (dataset decomposition)
 - ``curriculum``: ``bucket_schedule(...)``, ``DecomposedBatches(dir, ...).step_streams(step)``
+- ``varlen``: ``VarlenSteps(store, ...)``: whole documents per step (adaptive scattering's input)
 """

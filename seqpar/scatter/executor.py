@@ -150,12 +150,3 @@ class AdaptiveExecutor:
         if self.source is not None:
             self.source.close()
 
-
-def plan_summary(plan: Plan, lengths: np.ndarray) -> str:
-    """One line per plan: micro-batches, their groups (degree x algorithm: sequences) and tokens per rank."""
-    out = []
-    for k, mb in enumerate(plan.micro_batches):
-        groups = ", ".join(f"{g.degree}{g.algorithm[0]}@{g.first_rank}:{sum(int(lengths[i]) for i in g.seq_ids)}"
-                           for g in mb.groups)
-        out.append(f"mb{k} [{groups}]")
-    return "; ".join(out)

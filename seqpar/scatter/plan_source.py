@@ -63,65 +63,66 @@ class PlanSource(Protocol):
     def close(self) -> None: ...
 
 
-class InlinePlanner:
-    """Plans on the calling thread when the result is asked for (tests, ``--deterministic`` runs)."""
+class _OnCall:
+    """A source that plans on the calling thread when the result is asked for; ``plan`` does it."""
 
-    def __init__(self, cm: CostModel, opts: PlannerOptions) -> None:
-        self.cm, self.opts = cm, opts
+    def __init__(self) -> None:
         self._pending: dict[int, np.ndarray] = {}
 
     def request(self, step: int, lengths: np.ndarray) -> None:
         self._pending[step] = np.asarray(lengths)
 
     def result(self, step: int) -> PlanReply:
-        return plan_reply(self.cm, self.opts, step, self._pending.pop(step))
+        return self.plan(step, self._pending.pop(step))
+
+    def plan(self, step: int, lengths: np.ndarray) -> PlanReply:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._pending.clear()
 
 
-class ForcedPlans:
+class InlinePlanner(_OnCall):
+    """The planner on the calling thread (tests, deterministic runs)."""
+
+    def __init__(self, cm: CostModel, opts: PlannerOptions) -> None:
+        super().__init__()
+        self.cm, self.opts = cm, opts
+
+    def plan(self, step: int, lengths: np.ndarray) -> PlanReply:
+        return plan_reply(self.cm, self.opts, step, lengths)
+
+
+class ForcedPlans(_OnCall):
     """Plans chosen by a function of (step, lengths): tests that need particular group shapes."""
 
     def __init__(self, make: Callable[[int, np.ndarray], Plan]) -> None:
+        super().__init__()
         self.make = make
-        self._pending: dict[int, np.ndarray] = {}
 
-    def request(self, step: int, lengths: np.ndarray) -> None:
-        self._pending[step] = np.asarray(lengths)
-
-    def result(self, step: int) -> PlanReply:
-        plan = self.make(step, self._pending.pop(step))
+    def plan(self, step: int, lengths: np.ndarray) -> PlanReply:
+        plan = self.make(step, lengths)
         return PlanReply(step, plan.to_json(), 0.0, "forced", plan.predicted_step_s)
 
-    def close(self) -> None:
-        self._pending.clear()
 
-
-class StaticPlans:
+class StaticPlans(_OnCall):
     """The static baseline through the executor: every group of one degree, sequences best-fit
     packed (``baselines.static_plan``, what Megatron-CP / DeepSpeed-Ulysses do)."""
 
     def __init__(self, cm: CostModel, degree: int) -> None:
+        super().__init__()
         self.cm, self.degree = cm, degree
-        self._pending: dict[int, np.ndarray] = {}
 
-    def request(self, step: int, lengths: np.ndarray) -> None:
-        self._pending[step] = np.asarray(lengths)
-
-    def result(self, step: int) -> PlanReply:
+    def plan(self, step: int, lengths: np.ndarray) -> PlanReply:
         from seqpar.scatter.baselines import static_plan
 
         t0 = time.perf_counter()
-        got = static_plan(self.cm, [int(x) for x in self._pending.pop(step)], self.degree)
+        got = static_plan(self.cm, [int(x) for x in lengths], self.degree)
         if got is None:
             return PlanReply(step, "", 0.0, "static", 0.0,
                              f"scatter.static_degree={self.degree} cannot hold the step's longest sequence "
                              f"(K={self.cm.capacity} tokens per rank, at most {self.cm.max_degree} ranks per group)")
         return PlanReply(step, got[1].to_json(), time.perf_counter() - t0, f"static degree {self.degree}", got[0])
-
-    def close(self) -> None:
-        self._pending.clear()
 
 
 class PlannerProcess:

@@ -50,7 +50,8 @@ def test_store_input(small_store, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--dist", "lognormal", "--world", "8", "--profile", "nope"], "unknown hardware profile 'nope'"),
     (["--dist", "lognormal", "--world", "8", "--profile", "A100-40GB", "--model", "gpt-2"], "--model 'gpt-2' is unknown"),
-    (["--dist", "lognormal", "--world", "8", "--profile", "cpu"], "no 'scatter_compute' section"),
+    (["--dist", "lognormal", "--world", "8", "--profile", "H200"], "no 'scatter_compute' section"),
+    (["--dist", "lognormal", "--world", "8", "--profile", "cpu"], "device_memory_gib is unknown"),
     (["--dist", "lognormal", "--world", "0", "--profile", "A100-40GB"], "--world=0 must be >= 1"),
     (["--dist", "pareto", "--world", "16", "--profile", "A100-40GB", "--max-len", "1000000"], "split or drop it"),
     (["--dist", "pareto", "--world", "2", "--profile", "A100-40GB"], "leave no room for activations"),

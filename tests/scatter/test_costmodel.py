@@ -76,9 +76,10 @@ def test_cost_table_matches_scalar_costs():
 
 
 def test_missing_tables_and_bad_models_give_one_line_errors():
-    cpu = load_profile("cpu")
     with pytest.raises(CostModelError, match="no 'scatter_compute' section.*seqpar profile"):
-        build_cost_model(cpu, ModelConfig(), 2)
+        build_cost_model(load_profile("H200"), ModelConfig(), 2)
+    with pytest.raises(CostModelError, match="device_memory_gib is unknown"):  # CPU: the trainer passes host memory
+        build_cost_model(load_profile("cpu"), ModelConfig(), 2)
     raw = {"name": "x", "peak_tflops": {}, "device_memory_gib": 1, "scatter_compute": {"a1_ms_per_token2": 1e-6,
            "a2_ms_per_token": 0.1, "b1_ms": 1}}
     with pytest.raises(CostModelError, match="no 'alltoall_bw_gbps' table"):

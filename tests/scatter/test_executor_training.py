@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.scatter.adaptive_cases import TEMPLATES, train_adaptive, train_plain
+from tests.support.checkpoints import final_params
 
 
 def _overrides(store, run_dir, extra=()):
@@ -30,19 +31,11 @@ def _overrides(store, run_dir, extra=()):
     ]
 
 
-def _final_params(run_dir):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = f"{run_dir}/final.pt"
-    dcp_to_torch_save(f"{run_dir}/checkpoints/step_000005", out)
-    return torch.load(out, weights_only=False)["model"]
-
-
 @pytest.fixture(scope="module")
 def single(dist_pool, small_store, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("varlen-sp1")
     records = dist_pool(1).run(train_plain, _overrides(small_store, run_dir, ["parallel.sp=1", "parallel.ring=1"]))[0]
-    return records, _final_params(run_dir)
+    return records, final_params(run_dir)
 
 
 def test_templates_cover_the_acceptance_shapes():
@@ -72,7 +65,7 @@ def test_adaptive_training_matches_single_process(dist_pool, small_store, tmp_pa
     assert [(r["tokens"], r["targets"]) for r in ran] == [(r["tokens"], r["targets"]) for r in records]
     for r, ref in zip(ran, records):
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-4)
-    final = _final_params(tmp_path)
+    final = final_params(tmp_path)
     assert final.keys() == params.keys()
     for key in params:
         torch.testing.assert_close(final[key], params[key], rtol=1e-4, atol=1e-5,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from seqpar.config import load_config
+from tests.support.checkpoints import final_params
 
 
 def _train(overrides):
@@ -28,14 +29,6 @@ def _overrides(store, run_dir):
     ]
 
 
-def _final_params(run_dir):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = f"{run_dir}/final.pt"
-    dcp_to_torch_save(f"{run_dir}/checkpoints/step_000005", out)
-    return torch.load(out, weights_only=False)["model"]
-
-
 LAYOUTS = {
     "sp4-ring": (4, ["parallel.sp=4", "parallel.ring=4", "parallel.algorithm=ring"]),
     "sp4-ring-contiguous": (4, ["parallel.sp=4", "parallel.ring=4", "parallel.layout=contiguous"]),
@@ -48,7 +41,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def single(dist_pool, small_store, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sp1")
-    return dist_pool(1).run(_train, _overrides(small_store, run_dir))[0], _final_params(run_dir)
+    return dist_pool(1).run(_train, _overrides(small_store, run_dir))[0], final_params(run_dir)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -61,7 +54,7 @@ def test_sp_training_matches_single_device(dist_pool, small_store, tmp_path, sin
     assert [r[1:] for r in got[0]] == [r[1:] for r in records]
     for (loss, *_), (ref, *_) in zip(got[0], records):
         assert loss == pytest.approx(ref, rel=1e-4)
-    final = _final_params(tmp_path)
+    final = final_params(tmp_path)
     assert final.keys() == params.keys()
     for key in params:
         torch.testing.assert_close(final[key], params[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {key}: {m}")
