@@ -47,6 +47,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             report = dry_run_report(cfg, args.world_size or world)
         else:
             cfg.parallel_dims(world)  # the trainer's own validation, before any process starts
+            if cfg.adaptive:  # the pool must hold data.seq_len; the profile must exist
+                import torch
+
+                from seqpar.scatter.capacity import run_cost_model
+
+                run_cost_model(cfg, world, torch.device("cuda" if torch.cuda.is_available() else "cpu"), nproc)
         cmd = torchrun_cmd(
             args.config, args.overrides, nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id
         )

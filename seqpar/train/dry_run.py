@@ -75,6 +75,7 @@ class DryRunPlan:
     flops_per_token: float
     flops_per_step: float
     profile: HardwareProfile | None
+    adaptive: list[str] | None = None  # the adaptive pool's lines (parallel.algorithm=adaptive)
 
     @property
     def state_bytes(self) -> float:
@@ -98,7 +99,9 @@ def plan_dry_run(cfg: Config, world_size: int) -> DryRunPlan:
         bf16 = 2.0 * ((n - (model_cfg.n_layers - 2) * block) if p.fsdp and model_cfg.n_layers > 2 else n)
     fpt = flops_per_token(model_cfg, [cfg.data.seq_len], causal=True)
     profile = None if cfg.cluster.profile == "auto" else load_profile(cfg.cluster.profile)
+    adaptive = _adaptive_lines(dataclasses.replace(cfg, model=model_cfg), world_size) if cfg.adaptive else None
     return DryRunPlan(
+        adaptive=adaptive,
         dims=dims,
         seq_len=cfg.data.seq_len,
         tokens_per_step=cfg.data.tokens_per_step,
@@ -184,22 +187,42 @@ def _si(x: float, unit: str) -> str:
     return f"{x:.2f} {unit}"
 
 
+def _adaptive_lines(cfg: Config, world: int) -> list[str]:
+    """The trainer's cost model for an adaptive run (its errors are the trainer's), as report lines."""
+    import torch
+
+    from seqpar.scatter.capacity import degree_summary, run_cost_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cm, notes = run_cost_model(cfg, world, device, local_world=world)
+    return [
+        f"adaptive  world {world} as one pool: groups of {degree_summary(cm)}; chosen per micro-batch by the planner "
+        f"(scatter.time_limit_s={cfg.scatter.time_limit_s:g})",
+        f"tokens    varlen steps: whole documents up to {cfg.data.tokens_per_step:,} tokens per step, cut at "
+        f"data.seq_len={cfg.data.seq_len:,}; K = {cm.capacity:,} tokens per rank ({notes['capacity_from']}, "
+        f"profile {notes['profile']} on {device.type})",
+    ]
+
+
 def format_report(plan: DryRunPlan, cfg: Config) -> str:
     """The human-readable report of a plan."""
     d = plan.dims
-    lines = _mesh_lines(d)
-    if plan.seq_len % d.sp == 0:
+    lines = _mesh_lines(d) if plan.adaptive is None else list(plan.adaptive)
+    if plan.adaptive is not None:
+        pass
+    elif plan.seq_len % d.sp == 0:
         per_rank = f"{int(plan.tokens_per_rank):,} tokens per rank (seq_len / sp)"
     else:
         per_rank = (
             f"{plan.tokens_per_rank:,.1f} tokens per rank on average: seq_len {plan.seq_len:,} is not divisible by "
             f"sp {d.sp}, so shards are uneven by design (no padding)"
         )
-    lines.append(f"tokens    {plan.seq_len:,} per micro-batch stream (data.seq_len); {per_rank}")
-    lines.append(
-        f"batch     {plan.tokens_per_step:,} tokens per step = {plan.streams_per_step} streams over dp {d.dp}: "
-        f"{plan.micro_batches_per_rank} micro-batches per rank per step"
-    )
+    if plan.adaptive is None:
+        lines.append(f"tokens    {plan.seq_len:,} per micro-batch stream (data.seq_len); {per_rank}")
+        lines.append(
+            f"batch     {plan.tokens_per_step:,} tokens per step = {plan.streams_per_step} streams over dp {d.dp}: "
+            f"{plan.micro_batches_per_rank} micro-batches per rank per step"
+        )
     m = cfg.model
     tied = "tied" if m.tie_embeddings else "untied"
     lines.append(

@@ -45,6 +45,20 @@ def test_config_errors_are_one_line():
     assert "model.n_heads=4 must be a multiple of model.n_kv_heads=3" in line
 
 
+def test_adaptive_errors_are_one_line_and_dry_run_describes_the_pool():
+    ad = ("configs/tiny-cpu.yaml", "parallel.algorithm=adaptive", "data.mode=varlen")
+    line = one_error_line(seqpar("train", *ad, "parallel.dp=2", "--nproc", "4", "--print-cmd"))
+    assert "needs parallel.dp=1, got parallel.dp=2" in line
+    line = one_error_line(seqpar("train", *ad, "scatter.capacity_tokens=100", "--nproc", "4", "--print-cmd"))
+    assert "data.seq_len=512 is longer than the pool can hold: 4 ranks x capacity 100 tokens = 400" in line
+    p = seqpar("train", *ad, "model.n_heads=8", "model.n_kv_heads=2", "model.dim=64", "--nproc", "8", "--dry-run")
+    assert p.returncode == 0, p.stderr
+    assert "adaptive  world 8 as one pool: groups of degrees 1,2,4,8" in p.stdout
+    assert "ulysses at 2,4,8" in p.stdout and "ring at 2,4,8" in p.stdout
+    p = seqpar("train", *ad, "--nproc", "8", "--dry-run")  # 4 heads: no Ulysses over 8 ranks
+    assert "ulysses at 2,4 (excluded at 8: Ulysses degree 8 must divide the number of attention heads 4" in p.stdout
+
+
 def _rank_entry(*overrides):
     return subprocess.run(
         [sys.executable, "-m", "seqpar.train", "--config", "configs/tiny-cpu.yaml", "parallel.sp=1", "parallel.ring=1", *overrides],
