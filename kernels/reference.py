@@ -27,6 +27,11 @@ from seqpar.kernels.ranges import key_ranges
 # Upper bound for one [H, q_chunk, k_span] score block. Module-level so tests
 # can shrink it to exercise the chunking paths.
 SCORE_BLOCK_BYTES = 64 << 20
+# A query chunk may compute at most this many times the (query, key) cells its rows can see (plus
+# SMALL_CHUNK_CELLS of slack, so streams of many tiny documents still run in few large bmm calls):
+# a zigzag shard of a packed stream fits the byte budget whole, but most of its block is masked.
+MAX_WASTE = 2.0
+SMALL_CHUNK_CELLS = 1 << 16
 
 _NEG_INF = float("-inf")
 
@@ -87,13 +92,17 @@ def _plan_chunks(q_doc, q_pos, k_doc, k_pos, causal: bool, heads: int, elem_byte
     budget = max(1, SCORE_BLOCK_BYTES // (heads * elem_bytes))  # n * k_span cells
     # On the host once, so the loop does not synchronise with an accelerator per chunk.
     lo, hi = (x.cpu() for x in key_ranges(q_doc, q_pos, k_doc, k_pos, causal))
+    span = torch.zeros(tq + 1, dtype=torch.int64)
+    torch.cumsum((hi - lo).clamp_(min=0).to(torch.int64), 0, out=span[1:])  # cells each row needs, summed
     chunks: list[Chunk] = []
     i = 0
     while i < tq:
         n = min(tq - i, max(1, budget // max(1, int(hi[i] - lo[i]))))
         while True:
             k0, k1 = int(lo[i : i + n].min()), int(hi[i : i + n].max())
-            if n == 1 or n * (k1 - k0) <= budget:
+            cells = n * (k1 - k0)
+            need = int(span[i + n] - span[i])
+            if n == 1 or (cells <= budget and cells <= MAX_WASTE * need + SMALL_CHUNK_CELLS):
                 break
             n = max(1, min(n // 2, budget // max(1, k1 - k0)))
         chunks.append((i, i + n, k0, max(k0, k1)))

@@ -135,6 +135,20 @@ def test_planner_skips_invisible_keys(monkeypatch):
     assert causal < 0.6 * same_doc, (causal, same_doc)  # the upper triangles are skipped
 
 
+def test_planner_bounds_masked_cells_at_the_default_budget():
+    """A zigzag-like shard of a packed stream (each document's keys contiguous) fits the 64 MB
+    budget whole, but one chunk over all of it would be mostly masked: chunks stay near the cells
+    their rows can see."""
+    lengths = [300] * 16  # 4,800 tokens: one 4,800^2 block would fit the default budget
+    docs, pos = _stream(lengths)
+    for causal in (False, True):
+        chunks = reference._plan_chunks(docs, pos, docs, pos, causal, heads=4, elem_bytes=4)
+        cells = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in chunks)
+        need = sum(n * n for n in lengths)
+        assert cells <= reference.MAX_WASTE * need + len(chunks) * reference.SMALL_CHUNK_CELLS, (causal, cells, need)
+        assert cells < 0.2 * sum(lengths) ** 2
+
+
 # --------------------------------------------------------------------------- shards and merge
 
 
