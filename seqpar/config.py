@@ -262,6 +262,14 @@ class ClusterConfig:
 
 
 @dataclass
+class MemoryConfig:
+    loss_chunk_tokens: int = 4096  # the LM head and loss run over chunks of this many tokens (0: one chunk)
+
+    def __post_init__(self) -> None:
+        _check(self.loss_chunk_tokens >= 0, f"memory.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: one chunk)")
+
+
+@dataclass
 class KernelsConfig:
     attention: str = "auto"
 
@@ -281,6 +289,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

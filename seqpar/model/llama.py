@@ -131,12 +131,24 @@ class Transformer(nn.Module):
         to ``torch.manual_seed``); values do not depend on the layout. See seqpar.model.init."""
         init_parameters(self, seed if seed is not None else torch.initial_seed(), self.init_rule)
 
-    def forward(self, tokens: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    #: Tokens per chunk of the LM head and loss when ``forward`` gets labels (0: one chunk); set from
+    #: outside (``memory.loss_chunk_tokens``), like every memory policy.
+    loss_chunk_tokens: int = 0
+
+    def forward(self, tokens: torch.Tensor, ctx: AttnContext, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [T, vocab] fp32, or with ``labels`` ([T] int64, -100: no target) the fp32 sum of
+        token cross-entropy computed over token chunks (``seqpar.memory.chunked_loss``), so the
+        full logits never exist."""
         cos, sin = rope_tables(ctx.positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:  # memory policies (activation checkpointing) are applied from outside
             x = layer(x, cos, sin, ctx)
-        return self.output(self.norm(x)).float()
+        h = self.norm(x)
+        if labels is None:
+            return self.output(h).float()
+        from seqpar.memory.chunked_loss import chunked_head_loss
+
+        return chunked_head_loss(h, self.output.weight, labels, self.loss_chunk_tokens)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

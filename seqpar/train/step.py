@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from seqpar.model.llama import token_loss_sum
 from seqpar.parallel.grad_sync import all_reduce_grads
 from seqpar.train.batch import MicroBatch
 
@@ -60,9 +59,8 @@ def forward_backward_step(model: nn.Module, micro_batches: list[MicroBatch], gro
                 else contextlib.nullcontext())
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for b in micro_batches:
-        with autocast:
-            logits = model(b.tokens, b.ctx)
-        loss = token_loss_sum(logits, b.labels) / denom
+        with autocast:  # the LM head and loss run over token chunks inside the model (memory.loss_chunk_tokens)
+            loss = model(b.tokens, b.ctx, labels=b.labels) / denom
         if poison:
             loss = loss * float("nan")
         loss.backward()

@@ -143,8 +143,10 @@ class Trainer:
             raise ConfigError(str(e)) from None
         mesh = self.groups.dp_sp_mesh if cfg.parallel.fsdp else None
         param_dtype = self.dtype if self.dtype != torch.float32 else None
-        return build_model(cfg.model, attention, self.device, cfg.run.seed, fsdp_mesh=mesh, param_dtype=param_dtype,
-                           policies=policies)
+        model = build_model(cfg.model, attention, self.device, cfg.run.seed, fsdp_mesh=mesh, param_dtype=param_dtype,
+                            policies=policies)
+        model.loss_chunk_tokens = cfg.memory.loss_chunk_tokens  # the LM head + loss over token chunks
+        return model
 
     def build_micro_batches(self) -> MicroBatchBuilder:
         """Static SP: the run's one assignment (algorithm, layout, this rank's SP group) for every
