@@ -1,8 +1,11 @@
-"""``seqpar bench data`` (seqpar.bench.data_bench) and ``seqpar bench kernels`` (seqpar.bench.kernel_bench)."""
+"""``seqpar bench data`` (seqpar.bench.data_bench), ``seqpar bench kernels`` (seqpar.bench.kernel_bench) and
+``seqpar bench adaptive`` (seqpar.bench.adaptive_bench)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
@@ -53,8 +56,27 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_adaptive(args: argparse.Namespace) -> int:
+    import torch
+
+    from seqpar.bench.adaptive_bench import format_report, run_adaptive_bench
+
+    try:
+        result = run_adaptive_bench(
+            args.output, config=args.config, overrides=args.overrides, nproc=args.nproc, steps=args.steps,
+            seq_len=args.seq_len, tokens_per_step=args.tokens_per_step, capacity_tokens=args.capacity_tokens,
+            time_limit=args.time_limit, profile=args.profile, skip_fit=args.skip_fit, predict=not args.no_64,
+        )
+    except (ValueError, RuntimeError) as e:
+        print(f"seqpar: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    print(format_report(result, args.nproc, os.cpu_count(), torch.cuda.is_available()))
+    print("wrote " + ", ".join(result.files))
+    return 0
+
+
 def add_bench_commands(sub) -> None:
-    """Register ``seqpar bench data`` and ``seqpar bench kernels`` on the top-level subparsers."""
+    """Register ``seqpar bench data``, ``kernels`` and ``adaptive`` on the top-level subparsers."""
     bench = sub.add_parser("bench", help="benchmarks with ratios against a baseline measured in the same run")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     p = kinds.add_parser("data", help="dataset decomposition vs concat-and-chunk at the same token budget")
@@ -78,3 +100,18 @@ def add_bench_commands(sub) -> None:
     p.add_argument("--output", default="runs/bench-kernels", help="directory for kernel_bench.csv and .png")
     p.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)  # tests: tiny shapes, interpreter
     p.set_defaults(func=cmd_bench_kernels)
+
+    p = kinds.add_parser("adaptive", help="adaptive scattering vs every static degree: measured and predicted step time")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every arm, e.g. model.dim=64")
+    p.add_argument("--nproc", type=int, default=2, help="ranks (default 2: on CPU, times mean something at <= 1 rank per core)")
+    p.add_argument("--steps", type=int, default=6, help="steps per arm; times are medians over steps >= 2")
+    p.add_argument("--config", default="configs/tiny-cpu.yaml", help="config of every arm (its model is also profiled)")
+    p.add_argument("--seq-len", type=int, default=1024, help="data.seq_len: longest sequence (varlen)")
+    p.add_argument("--tokens-per-step", type=int, default=4096)
+    p.add_argument("--capacity-tokens", type=int, default=0, help="scatter.capacity_tokens K per rank (0: from the profile)")
+    p.add_argument("--time-limit", type=float, default=1.0, help="scatter.time_limit_s, the planner's budget per step")
+    p.add_argument("--profile", default="", help="use this profile (name or YAML) instead of fitting one")
+    p.add_argument("--skip-fit", action="store_true", help="reuse OUTPUT/profile.yaml from an earlier run")
+    p.add_argument("--no-64", action="store_true", help="skip the planner's 64-GPU predictions (~30 s of planning)")
+    p.add_argument("--output", default="runs/bench-adaptive", help="directory for CSV, PNG, the profile and the arms' run dirs")
+    p.set_defaults(func=cmd_bench_adaptive)

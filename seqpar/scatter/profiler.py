@@ -75,8 +75,10 @@ def measure_compute(model_cfg, lengths, device, repeats: int = 2) -> list[float]
     for s in lengths:
         tokens = torch.randint(0, cfg.vocab_size, (s,), device=device)
         pos = torch.arange(s, dtype=torch.int32, device=device)
+        # host_cu as the trainer passes it: a whole document takes the CPU fast path, as degree-1 groups do
         ctx = AttnContext(positions=pos, doc_ids=torch.zeros(s, dtype=torch.int32, device=device),
-                          cu_seqlens=torch.tensor([0, s], dtype=torch.int32, device=device))
+                          cu_seqlens=torch.tensor([0, s], dtype=torch.int32, device=device),
+                          host_cu=np.array([0, s], dtype=np.int64))
         best = float("inf")
         for r in range(repeats + 1):
             _sync(device)

@@ -67,6 +67,10 @@ def test_adaptive_training_matches_single_process(dist_pool, small_store, tmp_pa
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     final = final_params(tmp_path)
     assert final.keys() == params.keys()
+    # atol: AdamW moves an element by about lr (3e-3) per step whatever its gradient's size, so where a
+    # gradient is near zero, fp32 rounding of a different reduction order (other groups, other
+    # micro-batches) shows up after 5 steps; 3e-5 is 1% of one step's update (a wrong gradient moves
+    # elements by O(lr), and the losses above are checked at rel 1e-4 every step).
     for key in params:
-        torch.testing.assert_close(final[key], params[key], rtol=1e-4, atol=1e-5,
+        torch.testing.assert_close(final[key], params[key], rtol=1e-4, atol=3e-5,
                                    msg=lambda m: f"world {world} fsdp {fsdp} {key}: {m}")
