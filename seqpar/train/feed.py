@@ -18,13 +18,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from seqpar.train.batch import MicroBatch
 from seqpar.train.microbatches import MicroBatchBuilder
+
+if TYPE_CHECKING:
+    from seqpar.scatter.executor import AdaptiveExecutor, StepPlan
 
 
 @dataclass
@@ -39,8 +43,7 @@ class StepBatch:
     micro_batches: list[MicroBatch]
     doc_lengths: list[int]
     data_wait_s: float = 0.0
-    plan: object | None = None
-    info: dict = field(default_factory=dict)
+    plan: StepPlan | None = None
 
 
 class _Worker:
@@ -55,6 +58,10 @@ class _Worker:
 
     def has(self, step: int) -> bool:
         return step in self._jobs
+
+    def take(self, step: int) -> Future | Callable:
+        """Remove and return ``step``'s job unwaited (a later job consumes its result)."""
+        return self._jobs.pop(step)
 
     def wait(self, step: int) -> tuple[StepBatch, float]:
         """The job's result and the seconds the caller waited for it (the whole job without prefetch)."""
@@ -145,7 +152,7 @@ class AdaptiveFeed(StaticFeed):
     them when the plan arrives (stage 2).
     """
 
-    def __init__(self, executor, num_steps: int, device: torch.device, prefetch: bool,
+    def __init__(self, executor: AdaptiveExecutor, num_steps: int, device: torch.device, prefetch: bool,
                  slow: Callable[[int], None] | None = None) -> None:
         super().__init__(None, None, 0, num_steps, device, prefetch, slow)
         self.executor = executor
@@ -162,8 +169,8 @@ class AdaptiveFeed(StaticFeed):
 
         return job
 
-    def _build_job(self, step: int, plan) -> Callable[[], StepBatch]:
-        load = self._loader._jobs.pop(step)
+    def _build_job(self, step: int, plan: StepPlan) -> Callable[[], StepBatch]:
+        load = self._loader.take(step)
 
         def job() -> StepBatch:
             seqs = load.result() if isinstance(load, Future) else load()
