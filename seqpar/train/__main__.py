@@ -40,5 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``. After a failure, exit without interpreter finalization: a collective
+    interrupted by the error can leave gloo worker threads holding work objects whose tensors are
+    freed during finalization, which aborts the process (SIGABRT, "terminate called without an
+    active exception") and hides the exit code. The process group is destroyed and every file is
+    closed by then (``main``'s finally blocks), so nothing is lost."""
+    if code == 0:
+        sys.exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
