@@ -73,11 +73,6 @@ def check_algorithms(plan: Plan) -> None:
                                 "ring (ulysses 1), ulysses (ring 1) or hybrid (both > 1)")
 
 
-def rank_groups(plan: Plan, rank: int) -> list[GroupPlan | None]:
-    """Per micro-batch, the group holding ``rank`` (None: the rank idles and runs an empty pass)."""
-    return plan.groups_of_rank(rank)
-
-
 class AdaptiveExecutor:
     """Plans broadcast from rank 0 and this rank's micro-batches of each plan.
 
@@ -136,7 +131,7 @@ class AdaptiveExecutor:
         sequences: the step's tokens read ahead (default: read here)."""
         device = self.device if device is None else device
         out = []
-        for g in rank_groups(plan.plan, self.rank):
+        for g in plan.plan.groups_of_rank(self.rank):  # None: this rank idles, an empty pass
             if g is None:
                 out.append(empty_microbatch(device))
                 continue

@@ -90,7 +90,34 @@ def _pin(mbs: list[MicroBatch]) -> list[MicroBatch]:
     return [mb.pin() for mb in mbs]
 
 
-class StaticFeed:
+class _Feed:
+    """What both feeds share: the data worker, the device move and the wait measurement."""
+
+    def __init__(self, num_steps: int, device: torch.device, prefetch: bool,
+                 slow: Callable[[int], None] | None) -> None:
+        self.num_steps, self.device, self.slow = num_steps, device, slow
+        self._worker = _Worker(prefetch)
+
+    def _deliver(self, step: int) -> StepBatch:
+        """Wait for ``step``'s job and move its micro-batches to the device."""
+        batch, waited = self._worker.wait(step)
+        batch.micro_batches = _to_device(batch.micro_batches, self.device)
+        batch.data_wait_s = waited
+        return batch
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def wait_pending(self) -> None:
+        """Block until the queued data jobs have finished (tests model a step longer than the data
+        work this way instead of depending on thread timing)."""
+        self._worker.wait_pending()
+
+    def close(self) -> None:
+        self._worker.close()
+
+
+class StaticFeed(_Feed):
     """Static SP: this dp rank's streams of each step, sharded by ``builder`` on the host.
 
     rank_streams(step, consumed) -> streams; consumed advances by ``streams_per_step`` per step.
@@ -99,10 +126,8 @@ class StaticFeed:
 
     def __init__(self, rank_streams: Callable, builder: MicroBatchBuilder, streams_per_step: int, num_steps: int,
                  device: torch.device, prefetch: bool, slow: Callable[[int], None] | None = None) -> None:
-        self.rank_streams, self.builder = rank_streams, builder
-        self.streams_per_step, self.num_steps, self.device = streams_per_step, num_steps, device
-        self.slow = slow
-        self._worker = _Worker(prefetch)
+        super().__init__(num_steps, device, prefetch, slow)
+        self.rank_streams, self.builder, self.streams_per_step = rank_streams, builder, streams_per_step
         self._start = self._consumed = 0
 
     def _job(self, step: int) -> Callable[[], StepBatch]:
@@ -125,26 +150,12 @@ class StaticFeed:
     def next(self, step: int) -> StepBatch:
         if not self._worker.has(step):
             self._worker.submit(step, self._job(step))
-        batch, waited = self._worker.wait(step)
-        if step + 1 < self.num_steps:  # prepared while this step trains
+        if step + 1 < self.num_steps:  # queued behind this step's job: prepared while this step trains
             self._worker.submit(step + 1, self._job(step + 1))
-        batch.micro_batches = _to_device(batch.micro_batches, self.device)
-        batch.data_wait_s = waited
-        return batch
-
-    def after_backward(self, step: int) -> None:
-        pass
-
-    def wait_pending(self) -> None:
-        """Block until the queued data jobs have finished (tests model a step longer than the data
-        work this way instead of depending on thread timing)."""
-        self._worker.wait_pending()
-
-    def close(self) -> None:
-        self._worker.close()
+        return self._deliver(step)
 
 
-class AdaptiveFeed(StaticFeed):
+class AdaptiveFeed(_Feed):
     """Adaptive plans: rank 0 plans step t+1 while step t trains; after step t's backward the plan is
     broadcast (main thread) and the thread builds this rank's micro-batches of it.
 
@@ -154,7 +165,7 @@ class AdaptiveFeed(StaticFeed):
 
     def __init__(self, executor: AdaptiveExecutor, num_steps: int, device: torch.device, prefetch: bool,
                  slow: Callable[[int], None] | None = None) -> None:
-        super().__init__(None, None, 0, num_steps, device, prefetch, slow)
+        super().__init__(num_steps, device, prefetch, slow)
         self.executor = executor
         self.last_plan = None
         self._loader = _Worker(prefetch)
@@ -195,12 +206,9 @@ class AdaptiveFeed(StaticFeed):
         self._plan_and_build(step)  # the first plan is not hidden: nothing trains yet
 
     def next(self, step: int) -> StepBatch:
-        batch, waited = self._worker.wait(step)
         if step + 1 < self.num_steps:  # stage 1 of the next step while this one trains
             self._loader.submit(step + 1, self._load_job(step + 1))
-        batch.micro_batches = _to_device(batch.micro_batches, self.device)
-        batch.data_wait_s = waited
-        return batch
+        return self._deliver(step)
 
     def after_backward(self, step: int) -> None:
         if step + 1 < self.num_steps:
