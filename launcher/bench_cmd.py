@@ -1,5 +1,5 @@
-"""``seqpar bench data`` (seqpar.bench.data_bench), ``seqpar bench kernels`` (seqpar.bench.kernel_bench) and
-``seqpar bench adaptive`` (seqpar.bench.adaptive_bench)."""
+"""``seqpar bench data`` (seqpar.bench.data_bench), ``seqpar bench kernels`` (seqpar.bench.kernel_bench),
+``seqpar bench adaptive`` (seqpar.bench.adaptive_bench) and ``seqpar bench memory`` (seqpar.bench.memory_bench)."""
 
 from __future__ import annotations
 
@@ -75,8 +75,34 @@ def cmd_bench_adaptive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from seqpar.bench.memory_bench import format_table, run_memory_bench
+    from seqpar.config import ConfigError, ModelConfig
+
+    try:
+        dim, layers, heads, kv = (int(x) for x in args.model.split(","))
+        cfg = ModelConfig(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, vocab_size=args.vocab)
+        tokens = [int(x) for x in args.tokens.split(",")]
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        rows = run_memory_bench(cfg, tokens, [p for p in args.policies.split(",") if p], device, chunk=args.chunk)
+    except (ValueError, ConfigError) as e:
+        print(f"seqpar: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows, device))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": device.type, "model": args.model, "vocab": args.vocab,
+                       "rows": [{"tokens": r.tokens, "policy": r.policy, "measured": r.measured, "estimated": r.estimated,
+                                 "error": r.error} for r in rows]}, f, indent=1)
+    return 0
+
+
 def add_bench_commands(sub) -> None:
-    """Register ``seqpar bench data``, ``kernels`` and ``adaptive`` on the top-level subparsers."""
+    """Register ``seqpar bench data``, ``kernels``, ``adaptive`` and ``memory`` on the top-level subparsers."""
     bench = sub.add_parser("bench", help="benchmarks with ratios against a baseline measured in the same run")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     p = kinds.add_parser("data", help="dataset decomposition vs concat-and-chunk at the same token budget")
@@ -115,3 +141,12 @@ def add_bench_commands(sub) -> None:
     p.add_argument("--no-64", action="store_true", help="skip the planner's 64-GPU predictions (~30 s of planning)")
     p.add_argument("--output", default="runs/bench-adaptive", help="directory for CSV, PNG, the profile and the arms' run dirs")
     p.set_defaults(func=cmd_bench_adaptive)
+
+    p = kinds.add_parser("memory", help="the memory estimator vs measured peaks, per memory policy and length")
+    p.add_argument("--model", default="128,4,4,2", help="dim,layers,heads,kv_heads (default: the tiny-cpu model)")
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--tokens", default="1024,2048", help="comma-separated tokens of the micro-batch")
+    p.add_argument("--policies", default="none,full,selective", help="comma-separated memory policies")
+    p.add_argument("--chunk", type=int, default=256, help="memory.loss_chunk_tokens")
+    p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_bench_memory)

@@ -4,6 +4,7 @@
     seqpar plan --lengths lengths.txt --world 16 --profile A100-40GB --json | jq .
     seqpar plan --dist github --world 64 --profile A100-40GB --deterministic   # same output on any machine
     seqpar plan --store embedded --world 64 --profile A100-40GB --steps 4
+    seqpar plan --dist github --world 64 --profile H100-SXM --model configs/llama-7b-1m.yaml --memory none,selective
     seqpar profile --output my-cluster.yaml                # or under torchrun for bandwidths
 
 ``plan`` prints the plan of the first step, the predicted step time, memory per rank, the lower
@@ -64,10 +65,20 @@ def run_plan(args: argparse.Namespace) -> dict:
     bound_time = args.bound_time if args.bound_time is not None else (0.0 if args.deterministic else 4.0)
     if bound_time < 0 or args.time_limit < 0:
         raise ValueError(f"--time-limit={args.time_limit} and --bound-time={bound_time} must be >= 0 seconds")
-    cm = build_cost_model(load_profile(args.profile), resolve_model(args.model), args.world)
+    profile, model = load_profile(args.profile), resolve_model(args.model)
+    cm = build_cost_model(profile, model, args.world)
     batches, source = _batches(args)
     opts = PlannerOptions(buckets=args.buckets, allow_degree1=not args.no_degree1, all_busy=not args.allow_idle,
                           time_limit_s=None if args.deterministic else args.time_limit, bound_time_s=bound_time)
+    policies = [p.strip() for p in args.memory.split(",") if p.strip()] if args.memory else []
+    if len(policies) > 1:
+        per = {}
+        for policy in policies:
+            sub = argparse.Namespace(**{**vars(args), "memory": policy})
+            per[policy] = run_plan(sub)
+        return {"memory_policies": per}
+    if policies:
+        cm = _estimated(cm, profile, model, policies[0])
     r = compare(cm, batches, opts)
     first = r["results"][0]
     max_tok = max(x.max_tokens_per_rank for x in r["results"])
@@ -76,6 +87,7 @@ def run_plan(args: argparse.Namespace) -> dict:
         "steps": len(batches), "sequences_per_step": [int(len(b)) for b in batches],
         "tokens_per_step": [int(sum(int(s) for s in b)) for b in batches],
         "max_length": int(max(int(max(b)) for b in batches)), "capacity_tokens_per_rank": cm.capacity,
+        "capacity_from": f"memory estimator, --memory {policies[0]}" if policies else "profile activation bytes per token",
         "predicted_step_s": r["predicted_step_s"], "lower_bound_s": r["lower_bound_s"], "gap": r["gap"],
         "solve_s": r["solve_s"], "solve_cpu_s": r["solve_cpu_s"], "heuristic_s": r["heuristic_s"],
         "bound_s": r["bound_s"],
@@ -87,6 +99,39 @@ def run_plan(args: argparse.Namespace) -> dict:
         "baselines": r["baselines"],
     }
     return out
+
+
+def _estimated(cm, profile, model, policy: str):
+    """The cost model with K from the memory estimator under ``policy`` (FSDP over the pool; bf16
+    and fused attention on GPU profiles, fp32 and the reference kernel on the CPU profile)."""
+    from seqpar.config import MEMORY_POLICIES
+    from seqpar.scatter.capacity import capacity_tokens
+
+    if policy not in MEMORY_POLICIES:
+        raise ValueError(f"--memory {policy!r}: choose among {', '.join(MEMORY_POLICIES)} (comma-separated to compare)")
+    cpu = profile.name.startswith("cpu")
+    return capacity_tokens(cm, model, policy, "fp32" if cpu else "bf16", "reference" if cpu else "flash")
+
+
+def format_policies(out: dict) -> str:
+    """``--memory a,b``: K and the resulting plan of each policy, side by side."""
+    per = out["memory_policies"]
+    first = next(iter(per.values()))
+    lines = [
+        f"seqpar plan: {first['source']}, {first['steps']} step(s) of {first['sequences_per_step'][0]} sequences "
+        f"(~{first['tokens_per_step'][0]:,} tokens, max {first['max_length']:,}) on {first['world']} x {first['profile']}, "
+        f"model {first['model']}; K from the memory estimator per policy",
+        f"{'memory policy':<14} {'K tokens/rank':>14} {'planner s/step':>15} {'micro-batches':>14} {'memory/rank':>12}  "
+        "groups of micro-batch 0 (count x degree)",
+    ]
+    from seqpar.scatter.plan import Plan
+
+    for policy, o in per.items():
+        mb = Plan.from_dict(o["plan"]).micro_batches[0]
+        lines.append(f"{policy:<14} {o['capacity_tokens_per_rank']:>14,} {o['predicted_step_s']:>15.2f} "
+                     f"{o['num_microbatches']:>14} {o['memory_per_rank_gib']:>8.1f} GiB  {_groups_line(mb)}")
+    lines.append("a policy that frees memory raises K, so the planner can use smaller groups (less communication)")
+    return "\n".join(lines)
 
 
 def _groups_line(mb) -> str:
@@ -105,7 +150,7 @@ def format_plan(out: dict) -> str:
     lines = [
         f"seqpar plan: {out['source']}, {out['steps']} step(s) of {out['sequences_per_step'][0]} sequences "
         f"(~{out['tokens_per_step'][0]:,} tokens, max {out['max_length']:,}) on {out['world']} x {out['profile']}, "
-        f"model {out['model']}, K = {out['capacity_tokens_per_rank']:,} tokens/rank",
+        f"model {out['model']}, K = {out['capacity_tokens_per_rank']:,} tokens/rank ({out['capacity_from']})",
         f"planner         {pred:9.2f} s/step  bound {out['lower_bound_s']:.2f} s  gap {100 * out['gap']:.1f}%  "
         f"solve {out['solve_s']:.2f} s (cpu {out['solve_cpu_s']:.2f} s, bound {out['bound_s']:.2f} s)  micro-batches {out['num_microbatches']}  "
         f"memory/rank {out['memory_per_rank_gib']:.1f} GiB ({out['max_tokens_per_rank']:,.0f} tokens)",
@@ -146,7 +191,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except (PlanError, CostModelError, StoreError, ValueError, FileNotFoundError) as e:
         return _error(str(e))
     # Strict JSON (jq and most parsers reject NaN/Infinity): a non-finite number becomes null.
-    print(json.dumps(_strict(out), allow_nan=False) if args.json else format_plan(out), flush=True)
+    text = format_policies(out) if "memory_policies" in out else format_plan(out)
+    print(json.dumps(_strict(out), allow_nan=False) if args.json else text, flush=True)
     return 0
 
 
@@ -174,6 +220,9 @@ def add_plan_commands(sub) -> None:
     p.add_argument("--world", type=int, required=True, help="ranks (GPUs)")
     p.add_argument("--profile", required=True, help="hardware profile name (cluster/profiles) or YAML path")
     p.add_argument("--model", default="gpt-7b", help=f"model preset ({', '.join(MODEL_PRESETS)}) or a config YAML path")
+    p.add_argument("--memory", default="",
+                   help="memory policy (none, full, selective) whose estimated peak sets K, the tokens per rank; "
+                        "comma-separated to compare policies side by side (default: the profile's activation bytes per token)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--batch-size", type=int, default=0, help="sequences per step (default 512; --lengths: the whole file)")
     p.add_argument("--steps", type=int, default=1, help="steps (batches) to plan; static best picks one degree for all")

@@ -22,7 +22,11 @@ def apply_fsdp(
     dtype of the gathered parameters (bf16 on CUDA), None keeps fp32. Gradients are **summed**,
     not averaged, because the loss is already normalised by the global token count.
     """
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # cast_forward_inputs=False: a block's floating inputs include the fp32 RoPE tables, which FSDP
+    # would otherwise cast to bf16 per block (a bf16 copy saved by every layer, and RoPE angles at
+    # long positions rounded to bf16). The residual stream is already in param_dtype (the embedding's
+    # output), so nothing else needs the cast.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)

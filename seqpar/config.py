@@ -261,11 +261,19 @@ class ClusterConfig:
     profile: str = "auto"  # hardware profile for MFU: auto (detect), a name in cluster/profiles, or a YAML path
 
 
+#: Values of ``memory.policy`` (the next issue adds offload and memo).
+MEMORY_POLICIES: tuple[str, ...] = ("none", "full", "selective")
+
+
 @dataclass
 class MemoryConfig:
+    #: Activation memory policy (``seqpar.memory.policies``): none | full (whole-block recompute) |
+    #: selective (save attention's inputs and output, recompute only the token-local ops).
+    policy: str = "none"
     loss_chunk_tokens: int = 4096  # the LM head and loss run over chunks of this many tokens (0: one chunk)
 
     def __post_init__(self) -> None:
+        _choice("memory.policy", self.policy, MEMORY_POLICIES)
         _check(self.loss_chunk_tokens >= 0, f"memory.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: one chunk)")
 
 
@@ -316,6 +324,12 @@ class Config:
         return self.parallel.algorithm == "adaptive"
 
     def __post_init__(self) -> None:
+        if self.model.activation_checkpointing:  # the older spelling of memory.policy=full
+            if self.memory.policy == "none":
+                self.memory.policy = "full"
+            elif self.memory.policy != "full":
+                raise ConfigError(f"model.activation_checkpointing=true means memory.policy=full, but memory.policy="
+                                  f"{self.memory.policy}; drop model.activation_checkpointing")
         if self.adaptive and self.data.mode != "varlen":
             raise ConfigError(f"parallel.algorithm=adaptive plans whole sequences per step and needs data.mode=varlen, "
                               f"got data.mode={self.data.mode}; set data.mode=varlen")

@@ -17,7 +17,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tools", "device_check.sh")
 REPORT = os.path.join(REPO, "tools", "device_check_report.py")
-PARTS = ["install", "kernels", "sync", "bench", "train"]
+PARTS = ["install", "kernels", "sync", "bench", "train", "memory"]
 FILES = {"summary.md", "summary.json", "kernels.log", "sync_check.log", "bench.log", "train.log",
          "train_metrics.jsonl", "extras.tar.gz"}
 
@@ -64,11 +64,14 @@ def test_dry_run_passes_and_writes_every_file(tmp_path):
     assert md.strip() in proc.stdout  # the same table is printed at the end
     with tarfile.open(out / "extras.tar.gz") as tar:
         members = {os.path.basename(m) for m in tar.getnames()}
-    assert {"kernels_junit.xml", "sync_check.json", "kernel_bench.csv", "install.log", "train_config.yaml"} <= members
+    assert {"kernels_junit.xml", "sync_check.json", "kernel_bench.csv", "install.log", "train_config.yaml",
+            "memory_bench.json", "memory.log"} <= members
     numbers = {p["part"]: p["numbers"] for p in summary["parts"]}
     assert numbers["sync"]["host_syncs"] == 0
     assert numbers["kernels"]["passed"] > 0 and numbers["kernels"]["failed"] == 0
     assert set(numbers["bench"]) == {"16", "32"}
+    assert set(numbers["memory"]) == {f"{t}-{p}" for t in (512, 1024) for p in ("none", "full", "selective")}
+    assert all(abs(n["error"]) <= 0.10 for n in numbers["memory"].values()), numbers["memory"]
     steps = [json.loads(line) for line in (out / "train_metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3] == list(range(1, numbers["train"]["steps"] + 1))
 

@@ -4,6 +4,7 @@
 #   sync     attention forward + backward (Triton, bf16, packed documents) with no host synchronisation
 #   bench    seqpar bench kernels at 4K/16K/64K: TFLOP/s against SDPA flash, packed vs one document
 #   train    configs/gpu-smoke.yaml: a ~180M Llama on 32K-token streams, one GPU: tok/s, MFU, peak memory
+#   memory   seqpar bench memory: the memory estimator vs torch.cuda.max_memory_allocated, per policy
 # and print a summary (part, status, seconds, key numbers), also written to DIR/summary.md and .json.
 #
 #   bash tools/fetch_device_wheels.sh                 # first, where pip has network: megatron-core, highspy -> .whl/
@@ -17,7 +18,7 @@
 set -euo pipefail
 
 PROG=device_check
-ALL_PARTS=kernels,sync,bench,train
+ALL_PARTS=kernels,sync,bench,train,memory
 USAGE="bash tools/device_check.sh [--out DIR] [--dry] [--quick] [--python PY] [--parts $ALL_PARTS]"
 
 usage() {
@@ -78,12 +79,12 @@ else
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-# Per part: GPU timeouts sum to 9 minutes at most (a device call may run 10); a full run should take 4-5.
+# Per part: GPU timeouts sum to under 10 minutes (a device call may run 10); a full run should take 4-5.
 declare -A LIMIT
 if [[ $MODE == gpu ]]; then
-    LIMIT=([install]=90 [kernels]=150 [sync]=60 [bench]=120 [train]=120)
+    LIMIT=([install]=90 [kernels]=150 [sync]=60 [bench]=100 [train]=100 [memory]=90)
 else
-    LIMIT=([install]=600 [kernels]=600 [sync]=600 [bench]=600 [train]=600)  # hang guards only: CI machines can be slow
+    LIMIT=([install]=600 [kernels]=600 [sync]=600 [bench]=600 [train]=600 [memory]=600)  # hang guards only: CI machines can be slow
 fi
 
 RC=0 SECONDS_TAKEN=0
@@ -283,6 +284,13 @@ if [[ ",$PARTS," == *,train,* ]]; then
     if [[ -f "$run_dir/run/config.yaml" ]]; then cp "$run_dir/run/config.yaml" "$WORK/train_config.yaml"; fi
     rm -rf "$run_dir"
     record train --steps "$steps"
+fi
+
+if [[ ",$PARTS," == *,memory,* ]]; then  # its log goes into extras.tar.gz: DIR holds at most 8 files
+    sizes=(--model 2048,8,16,4 --vocab 32000 --tokens 8192,32768 --chunk 4096)
+    [[ $MODE == dry ]] && sizes=(--model 128,4,4,2 --vocab 512 --tokens 512,1024 --chunk 256)  # activations above the 1 MB score blocks
+    run_part memory "$WORK/memory.log" "$PY" -m seqpar.launcher bench memory "${sizes[@]}" --json "$WORK/memory_bench.json"
+    record memory
 fi
 
 finish "did not run"

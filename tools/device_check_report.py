@@ -1,6 +1,6 @@
 """Checks each part's outputs for tools/device_check.sh and keeps the summary (summary.md, summary.json).
 
-    python tools/device_check_report.py init   --dir DIR --mode gpu|dry --parts install,kernels,sync,bench,train
+    python tools/device_check_report.py init   --dir DIR --mode gpu|dry --parts install,kernels,sync,bench,train,memory
     python tools/device_check_report.py record --dir DIR --mode gpu|dry --part NAME --rc RC --seconds S [...]
     python tools/device_check_report.py final  --dir DIR        # prints the table; exit 1 unless every part passed
 
@@ -26,7 +26,9 @@ from typing import Any
 WORK = "work"  # DIR/work: raw outputs, packed into DIR/extras.tar.gz at the end
 PASSED, FAILED, TIMEOUT, PENDING = "passed", "FAILED", "TIMEOUT", "not run"
 LOGS = {"install": "install.log in extras.tar.gz", "kernels": "kernels.log", "sync": "sync_check.log",
-        "bench": "bench.log", "train": "train.log"}
+        "bench": "bench.log", "train": "train.log", "memory": "memory.log in extras.tar.gz"}
+#: The memory estimator's error budget against a measured peak (tests/memory/test_estimate.py's, on CPU).
+MEMORY_TOLERANCE = 0.10
 
 
 def _load(dir_: str) -> dict[str, Any]:
@@ -192,7 +194,24 @@ def check_train(dir_: str, mode: str, args: argparse.Namespace) -> tuple[dict, s
     return numbers, key, problems
 
 
-CHECKS = {"install": check_install, "kernels": check_kernels, "sync": check_sync, "bench": check_bench, "train": check_train}
+def check_memory(dir_: str, mode: str, args: argparse.Namespace) -> tuple[dict, str, list[str]]:
+    path = os.path.join(dir_, WORK, "memory_bench.json")
+    if not os.path.exists(path):
+        return {}, "", ["no memory_bench.json: the benchmark did not finish (see memory.log in extras.tar.gz)"]
+    with open(path) as f:
+        r = json.load(f)
+    numbers = {f"{row['tokens']}-{row['policy']}": {"measured_mib": row["measured"] / 2**20,
+                                                    "estimated_mib": row["estimated"] / 2**20, "error": row["error"]}
+               for row in r["rows"]}
+    problems = [f"T={row['tokens']} {row['policy']}: estimate {100 * row['error']:+.1f}% off the measured peak"
+                for row in r["rows"] if not abs(row["error"]) <= MEMORY_TOLERANCE]
+    key = "estimate vs peak: " + "; ".join(f"T={row['tokens']} {row['policy']} {row['measured'] / 2**20:.0f} MiB "
+                                           f"({100 * row['error']:+.1f}%)" for row in r["rows"])
+    return numbers, key, problems
+
+
+CHECKS = {"install": check_install, "kernels": check_kernels, "sync": check_sync, "bench": check_bench, "train": check_train,
+          "memory": check_memory}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,20 @@
-"""Activation checkpointing as a policy applied to a model's blocks from outside.
+"""Activation memory policies, applied to a model's blocks from outside (``memory.policy``).
 
-    apply_activation_checkpointing(model.layers)   # before FSDP, like torchtitan's apply_ac
+    apply_memory_policy(model.layers, "selective")   # before FSDP, like torchtitan's apply_ac
 
-Each block's ``forward`` is replaced on the instance by one that runs the original under
-non-reentrant ``torch.utils.checkpoint`` while gradients are on: the block saves only its
-inputs and recomputes its body in backward. Parameter names, state dicts and the layer code
-are unchanged (a wrapper module would rename every parameter, and with it checkpoints and
-the name-seeded init). FSDP's hooks stay outside the recomputed region, so under FSDP2 the
-recompute finds the parameters already gathered by the pre-backward hook.
+- ``none``: autograd keeps everything each block saves.
+- ``full``: each block runs under non-reentrant ``torch.utils.checkpoint`` and keeps only its input;
+  backward recomputes the whole block, attention (and, under SP, its communication) included.
+- ``selective``: LightSeq's checkpoint placement. The token-local stages around attention
+  (``Block.pre_attention``: norm, q/k/v projections, RoPE; ``Block.post_attention``: output
+  projection, residuals, norm, MLP) run under checkpointing; attention runs once, outside any
+  checkpoint region, and keeps what its backward needs (q, k, v, output, lse). Backward recomputes
+  only the token-local ops: attention's forward and its collectives never run twice.
+
+Each block's ``forward`` is replaced on the instance, so parameter names, state dicts and the layer
+code are unchanged (a wrapper module would rename every parameter, and with it checkpoints and the
+name-seeded init). FSDP's hooks stay outside the recomputed regions, so under FSDP2 a recompute
+finds the parameters already gathered by the pre-backward hook.
 """
 
 from __future__ import annotations
@@ -18,9 +25,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from seqpar.config import MEMORY_POLICIES
+
 
 class CheckpointedForward:
-    """A module's original forward, run under activation checkpointing when grad is enabled."""
+    """A module's original forward, run under activation checkpointing when grad is enabled (``full``)."""
+
+    policy = "full"
 
     def __init__(self, forward: Callable[..., torch.Tensor]) -> None:
         self.inner = forward
@@ -31,13 +42,51 @@ class CheckpointedForward:
         return self.inner(*args, **kwargs)
 
 
-def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
-    """Whole-block recompute for every module in ``blocks`` (``model.activation_checkpointing:
-    true``). Idempotent: a block already checkpointed is left as it is."""
+class SelectiveForward:
+    """A block's forward with its token-local stages recomputed and attention run once (``selective``).
+
+    x: [T, dim] block input; cos, sin: fp32 RoPE tables [T, hd/2]; ctx: the micro-batch's
+    AttnContext. Collective over ``ctx.sp.group`` (attention) exactly as the plain forward is.
+    """
+
+    policy = "selective"
+
+    def __init__(self, block: nn.Module) -> None:
+        # The stages are looked up on each call (not bound here) so the block's own methods stay the
+        # single definition of the layer; holding the block is a reference cycle the GC collects.
+        self.block = block
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+        b = self.block
+        if not torch.is_grad_enabled():
+            return b.post_attention(x, b.attention.attention(*b.pre_attention(x, cos, sin), ctx))
+        q, k, v = checkpoint(b.pre_attention, x, cos, sin, use_reentrant=False)
+        out = b.attention.attention(q, k, v, ctx)
+        return checkpoint(b.post_attention, x, out, use_reentrant=False)
+
+
+def memory_policy_of(block: nn.Module) -> str:
+    """The policy applied to ``block``: none | full | selective."""
+    return getattr(block.__dict__.get("forward"), "policy", "none")
+
+
+def apply_memory_policy(blocks: Iterable[nn.Module], policy: str) -> None:
+    """Apply ``policy`` (none | full | selective) to every block; idempotent for the same policy,
+    an error for a block that already has another (apply one policy, once, before FSDP)."""
+    if policy not in MEMORY_POLICIES:
+        raise ValueError(f"memory.policy={policy!r}: choose one of {', '.join(MEMORY_POLICIES)}")
     for block in blocks:
-        if not isinstance(block.__dict__.get("forward"), CheckpointedForward):
+        current = memory_policy_of(block)
+        if current == policy:
+            continue
+        if current != "none":
+            raise ValueError(f"block already has memory policy {current!r}; cannot apply {policy!r} on top of it")
+        if policy == "full":
             block.forward = CheckpointedForward(block.forward)
+        elif policy == "selective":
+            block.forward = SelectiveForward(block)
 
 
-def is_checkpointed(block: nn.Module) -> bool:
-    return isinstance(block.__dict__.get("forward"), CheckpointedForward)
+def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
+    """Whole-block recompute (``memory.policy: full``, or ``model.activation_checkpointing: true``)."""
+    apply_memory_policy(blocks, "full")

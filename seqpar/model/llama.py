@@ -59,14 +59,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.attention = attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token-local projections and RoPE: x [T, dim] -> q [T, heads, hd], k, v [T, kv_heads, hd]."""
         t = x.shape[0]
         q = self.wq(x).view(t, self.n_heads, self.head_dim)
         k = self.wk(x).view(t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(t, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attention(q, k, v, ctx)
-        return self.wo(out.reshape(t, self.n_heads * self.head_dim))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Output projection of attention's output [T, heads, hd] -> [T, dim]."""
+        return self.wo(out.reshape(out.shape[0], self.n_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        return self.project_out(self.attention(*self.qkv(x, cos, sin), ctx))
 
 
 class FeedForward(nn.Module):
@@ -90,9 +96,20 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, ctx)
+    # The block in three stages: token-local before attention, attention (the only op that mixes
+    # tokens, and the only one that communicates under SP), token-local after it. Memory policies
+    # (seqpar.memory.policies) run the token-local stages under recomputation and attention once.
+    def pre_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [T, dim] (the block input) -> q, k, v after the norm, projections and RoPE."""
+        return self.attention.qkv(self.attention_norm(x), cos, sin)
+
+    def post_attention(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The block input x [T, dim] and attention's output [T, heads, hd] -> the block output [T, dim]."""
+        x = x + self.attention.project_out(out)
         return x + self.feed_forward(self.ffn_norm(x))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        return self.post_attention(x, self.attention.attention(*self.pre_attention(x, cos, sin), ctx))
 
 
 class Transformer(nn.Module):

@@ -2,8 +2,9 @@
 
     cm, notes = run_cost_model(cfg, world=4, device=torch.device("cpu"), local_world=4)
 
-``capacity_tokens`` is the one place the planner's K comes from: today the profile's activation
-bytes per token scaled to the model (``build_cost_model``); the memory estimator replaces it.
+``capacity_tokens`` is the one place the planner's K comes from: the memory estimator's longest
+shard per rank under ``memory.policy`` (``seqpar.memory.estimate``), unless
+``scatter.capacity_tokens`` sets it.
 The profile is ``scatter.profile``: ``auto`` takes this device's fitted profile if ``seqpar
 profile`` wrote one (``fitted_profile_path``), else the shipped hardware profile of the device.
 """
@@ -13,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from seqpar.config import Config, ConfigError
+from seqpar.config import Config, ConfigError, ModelConfig
 from seqpar.hardware import HardwareProfile, detect_profile_name, load_profile
+from seqpar.memory.estimate import MemoryLayout, attention_kind, estimate_memory, max_tokens, precision_of
+from seqpar.parallel.pool import powers_of_two
 from seqpar.scatter.costmodel import CostModel, CostModelError, build_cost_model
 
 
@@ -47,10 +50,38 @@ def resolve_scatter_profile(spec: str, device) -> HardwareProfile:
                           "or fit one with `seqpar profile`") from None
 
 
-def capacity_tokens(cm: CostModel) -> int:
-    """K, tokens per rank whose activations fit beside the model states (the memory issue's
-    estimator replaces this); from the profile's activation bytes per token scaled to the model."""
-    return cm.capacity
+def memory_layouts(cm: CostModel, precision: str, attention: str, loss_chunk_tokens: int) -> list[MemoryLayout]:
+    """The per-rank layouts a pool group can take: degree 1, and each algorithm at the largest degree
+    it runs (the all-to-all's replicated K/V and second output grow with the degree)."""
+    kw = dict(state_shards=cm.world, precision=precision, attention=attention, loss_chunk_tokens=loss_chunk_tokens)
+    layouts = [MemoryLayout("local", **kw)]
+    for d in powers_of_two(cm.max_degree)[1:]:
+        for a in cm.algorithms(d):
+            u, r = cm.split(d, a)
+            layouts.append(MemoryLayout(a, ulysses=u, ring=r, **kw))
+    return layouts
+
+
+def capacity_tokens(cm: CostModel, model: ModelConfig, policy: str, precision: str, attention: str = "flash",
+                    loss_chunk_tokens: int = 4096) -> CostModel:
+    """``cm`` with K, the tokens per rank whose peak fits ``cm.memory_bytes`` under memory ``policy``,
+    from the memory estimator (``seqpar.memory.estimate``): the smallest over the layouts a group can
+    take, so any plan within K fits. Its memory terms (``memory_per_rank``) become the estimator's
+    (states and the per-token slope of that layout's peak), and its compute terms include the
+    policy's recomputation."""
+    layouts = memory_layouts(cm, precision, attention, loss_chunk_tokens)
+    fits = [(max_tokens(model, policy, lay, cm.memory_bytes), lay) for lay in layouts]
+    k, lay = min(fits, key=lambda x: x[0])
+    base = estimate_memory(model, policy, 0, lay).peak_bytes
+    slope = (estimate_memory(model, policy, max(k, 1), lay).peak_bytes - base) / max(k, 1)
+    notes = {**cm.notes, "memory_policy": policy, "capacity_layout": lay.algorithm}
+    # Recomputation is paid in time: the forward is a third of forward + backward, so ``full`` (which
+    # re-runs the whole block) costs 4/3 of the compute and ``selective`` 4/3 of the token-local part.
+    # Re-run communication under ``full`` is not priced (the ring's overlaps attention).
+    a1 = cm.a1 * (4 / 3 if policy == "full" else 1.0)
+    a2 = cm.a2 * (4 / 3 if policy in ("full", "selective") else 1.0)
+    return dataclasses.replace(cm, capacity=k, state_bytes_per_rank=base, act_bytes_per_token=slope, a1=a1, a2=a2,
+                               notes=notes)
 
 
 def run_cost_model(cfg: Config, world: int, device, local_world: int = 1) -> tuple[CostModel, dict]:
@@ -68,8 +99,17 @@ def run_cost_model(cfg: Config, world: int, device, local_world: int = 1) -> tup
         cm = dataclasses.replace(cm, allowed=cfg.scatter.algorithm_list)
     except CostModelError as e:
         raise ConfigError(f"scatter.profile={sc.profile!r}: {e}") from None
-    k = sc.capacity_tokens or capacity_tokens(cm)
-    cm = dataclasses.replace(cm, capacity=k)
+    if sc.capacity_tokens:
+        cm = dataclasses.replace(cm, capacity=sc.capacity_tokens)
+    else:
+        try:
+            cm = capacity_tokens(cm, _with_vocab(cfg.model, cfg.data.tokenizer), cfg.memory.policy,
+                                 precision_of(cfg.train.dtype, cfg.parallel.fsdp, getattr(device, "type", str(device))),
+                                 attention_kind(cfg.kernels.attention, getattr(device, "type", str(device))),
+                                 cfg.memory.loss_chunk_tokens)
+        except CostModelError as e:
+            raise ConfigError(f"memory.policy={cfg.memory.policy}: {e}") from None
+    k = cm.capacity
     max_tokens = cm.max_degree * k
     if cfg.data.seq_len > max_tokens:
         raise ConfigError(
@@ -77,15 +117,24 @@ def run_cost_model(cfg: Config, world: int, device, local_world: int = 1) -> tup
             f"{k:,} tokens = {max_tokens:,}; lower data.seq_len, raise scatter.capacity_tokens, or add ranks"
         )
     notes = {"profile": profile.name, "source": profile.source, "capacity": k,
-             "capacity_from": "scatter.capacity_tokens" if sc.capacity_tokens else "profile activation bytes"}
+             "capacity_from": "scatter.capacity_tokens" if sc.capacity_tokens
+             else f"memory estimator, memory.policy={cfg.memory.policy}"}
     return cm, notes
+
+
+def _with_vocab(model: ModelConfig, tokenizer: str) -> ModelConfig:
+    """The model with its vocabulary size (0 in the config: the tokenizer's, rounded up to 64 as the
+    trainer does): the LM head's memory depends on it."""
+    if model.vocab_size > 0:
+        return model
+    from seqpar.data.tokenizer import load_tokenizer
+
+    return dataclasses.replace(model, vocab_size=64 * ((load_tokenizer(tokenizer).vocab_size + 63) // 64))
 
 
 def degree_summary(cm: CostModel) -> str:
     """'degrees 1,2,4: ulysses at 2 (not 4: <head rule>), ring, hybrid at 4' for the start-up line."""
     from seqpar.parallel.dims import ulysses_head_error
-    from seqpar.parallel.pool import powers_of_two
-
     degrees = powers_of_two(cm.max_degree)
     parts = []
     for a in cm.allowed:

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar.config import Config, ConfigError, ModelConfig, check_sp_heads, micro_batches_per_rank  # noqa: F401 (re-exported)
+from seqpar.config import (MEMORY_POLICIES, Config, ConfigError, ModelConfig, check_sp_heads,  # noqa: F401 (re-exported)
+                           micro_batches_per_rank)
 from seqpar.hardware import HardwareProfile, load_profile, peak_flops
+from seqpar.memory.estimate import (USABLE_FRACTION, MemoryEstimate, MemoryLayout, attention_kind, estimate_memory,
+                                    max_tokens, precision_of, static_layout)
 from seqpar.model.flops import flops_per_token
 from seqpar.parallel.dims import ParallelDims
 
@@ -76,6 +79,11 @@ class DryRunPlan:
     flops_per_step: float
     profile: HardwareProfile | None
     adaptive: list[str] | None = None  # the adaptive pool's lines (parallel.algorithm=adaptive)
+    memory_layout: MemoryLayout | None = None
+    memory_tokens: int = 0  # local tokens per micro-batch the estimates are for
+    estimates: dict[str, MemoryEstimate] = dataclasses.field(default_factory=dict)  # by memory policy
+    usable_bytes: float | None = None  # device memory the estimates must fit (profile x USABLE_FRACTION)
+    longest: dict[str, int] = dataclasses.field(default_factory=dict)  # local tokens that fit, by policy
 
     @property
     def state_bytes(self) -> float:
@@ -100,7 +108,9 @@ def plan_dry_run(cfg: Config, world_size: int) -> DryRunPlan:
     fpt = flops_per_token(model_cfg, [cfg.data.seq_len], causal=True)
     profile = None if cfg.cluster.profile == "auto" else load_profile(cfg.cluster.profile)
     adaptive = _adaptive_lines(dataclasses.replace(cfg, model=model_cfg), world_size) if cfg.adaptive else None
+    memory = _memory_estimates(cfg, model_cfg, dims, profile, shards)
     return DryRunPlan(
+        **memory,
         adaptive=adaptive,
         dims=dims,
         seq_len=cfg.data.seq_len,
@@ -121,6 +131,38 @@ def plan_dry_run(cfg: Config, world_size: int) -> DryRunPlan:
         flops_per_step=fpt * cfg.data.tokens_per_step,
         profile=profile,
     )
+
+
+def _memory_estimates(cfg: Config, model_cfg: ModelConfig, dims: ParallelDims, profile: HardwareProfile | None,
+                      shards: int) -> dict:
+    """Per-policy estimates for this run's layout at its tokens per rank (seq_len / sp; K when
+    adaptive), and the longest shard that fits the profile's device memory."""
+    gpu = (profile is not None and not profile.name.startswith("cpu")) or (profile is None and torch.cuda.is_available())
+    device_type = "cuda" if gpu else "cpu"
+    precision = precision_of(cfg.train.dtype, cfg.parallel.fsdp, device_type)
+    attention = attention_kind(cfg.kernels.attention, device_type)
+    if cfg.adaptive:  # the layout that sets K: the largest group of the most memory-hungry algorithm
+        layout = MemoryLayout("ulysses", ulysses=dims.world_size, state_shards=shards, precision=precision,
+                              attention=attention, loss_chunk_tokens=cfg.memory.loss_chunk_tokens)
+        if not check_ulysses_ok(model_cfg, dims.world_size):
+            layout = dataclasses.replace(layout, algorithm="ring", ulysses=1, ring=dims.world_size)
+    else:
+        layout = static_layout((dims.ulysses, dims.ring), shards, precision, attention, cfg.memory.loss_chunk_tokens)
+    tokens = -(-cfg.data.seq_len // dims.sp)
+    estimates = {p: estimate_memory(model_cfg, p, tokens, layout) for p in MEMORY_POLICIES}
+    usable = None
+    longest: dict[str, int] = {}
+    if profile is not None and profile.device_memory_gib is not None:
+        usable = USABLE_FRACTION * profile.device_memory_gib * _GIB
+        longest = {p: max_tokens(model_cfg, p, layout, usable) for p in MEMORY_POLICIES}
+    return {"memory_layout": layout, "memory_tokens": tokens, "estimates": estimates, "usable_bytes": usable,
+            "longest": longest}
+
+
+def check_ulysses_ok(model_cfg: ModelConfig, degree: int) -> bool:
+    from seqpar.parallel.dims import ulysses_head_error
+
+    return ulysses_head_error(model_cfg.n_heads, model_cfg.n_kv_heads, degree) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +289,7 @@ def format_report(plan: DryRunPlan, cfg: Config) -> str:
         where = "FSDP: ~2 gathered blocks + embeddings/head" if cfg.parallel.fsdp else "whole model, autocast cache"
         when = "CUDA runs" if cfg.train.dtype == "auto" else "train.dtype=bf16"
         lines.append(f"          {'bf16 compute copies':<26} {_fmt_bytes(plan.bf16_copy_bytes)}  ({when}; {where}; not in total)")
-    lines.append("          activations are not estimated here")
+    lines.extend(_memory_table(plan, cfg))
     prof = plan.profile
     if prof is None:
         lines.append("profile   cluster.profile=auto: detected on the devices at launch")
@@ -264,6 +306,34 @@ def format_report(plan: DryRunPlan, cfg: Config) -> str:
         if prof.device_memory_gib is not None and plan.state_bytes / _GIB > prof.device_memory_gib:
             lines.append(f"WARNING   model state alone ({plan.state_bytes / _GIB:.1f} GiB) exceeds device memory; set parallel.fsdp=true or use more ranks")
     return "\n".join(lines)
+
+
+def _memory_table(plan: DryRunPlan, cfg: Config) -> list[str]:
+    """Per-policy peak estimate with its breakdown, whether it fits, and the longest shard that does."""
+    lay = plan.memory_layout
+    if lay is None:
+        return []
+    sp = {"local": "no SP", "ring": f"ring {lay.ring}", "ulysses": f"Ulysses {lay.ulysses}",
+          "hybrid": f"Ulysses {lay.ulysses} x ring {lay.ring}"}[lay.algorithm]
+    fits_to = "" if plan.usable_bytes is None else f"; fits: peak <= {USABLE_FRACTION:.0%} of {plan.profile.device_memory_gib:g} GiB"
+    lines = [f"estimate  per rank, {plan.memory_tokens:,} tokens per micro-batch, {lay.precision}, {sp}, "
+             f"{lay.attention} attention, loss chunks of {lay.loss_chunk_tokens:,} (seqpar.memory.estimate){fits_to}:",
+             f"          {'memory.policy':<16}{'states':>10}{'saved act.':>12}{'head+loss':>11}{'recompute':>11}"
+             f"{'workspace':>11}{'peak':>11}  fits  longest shard"]
+    for policy, est in plan.estimates.items():
+        mark = "*" if policy == cfg.memory.policy else " "
+        fits = "  -  " if plan.usable_bytes is None else (" yes " if est.peak_bytes <= plan.usable_bytes else " NO  ")
+        longest = f"{plan.longest[policy]:,} tokens" if plan.longest else "-"
+        lines.append(f"          {mark}{policy:<15}{_gib(est.states)}{_gib(est.activations, 12)}{_gib(est.head_and_loss, 11)}"
+                     f"{_gib(est.recompute, 11)}{_gib(max(est.workspace, est.attention_workspace), 11)}"
+                     f"{_gib(est.peak_bytes, 11)}  {fits} {longest}")
+    lines.append("          (* memory.policy of this run; states include bf16 compute copies; the peak is the larger of "
+                 "the forward's end and the backward's start)")
+    return lines
+
+
+def _gib(x: float, width: int = 10) -> str:
+    return f"{x / _GIB:>{width - 4}.1f} GiB"
 
 
 def dry_run_report(cfg: Config, world_size: int) -> str:

@@ -65,10 +65,10 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 def default_model_policies(cfg: Config) -> list[ModelPolicy]:
     """Policies the config asks for, applied to the meta model before FSDP."""
     policies: list[ModelPolicy] = []
-    if cfg.model.activation_checkpointing:
-        from seqpar.memory.checkpoint import apply_activation_checkpointing
+    if cfg.memory.policy != "none":  # model.activation_checkpointing: true is memory.policy: full
+        from seqpar.memory.checkpoint import apply_memory_policy
 
-        policies.append(lambda model: apply_activation_checkpointing(model.layers))
+        policies.append(lambda model: apply_memory_policy(model.layers, cfg.memory.policy))
     return policies
 
 

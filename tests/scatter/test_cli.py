@@ -103,3 +103,22 @@ def test_deterministic_plans_repeat_exactly(capsys):
                             for k, v in obj["baselines"].items()}
         runs.append(obj)
     assert runs[0] == runs[1]
+
+
+def test_memory_policies_change_capacity_and_plan(capsys):
+    """--memory a,b: K from the memory estimator per policy, and the plans side by side."""
+    args = ["--dist", "github", "--world", "16", "--profile", "A100-40GB", "--model", "gpt-7b", "--batch-size", "32",
+            "--max-len", "65536", "--deterministic", "--memory", "none,selective"]
+    code, out, err = _run(capsys, *args, "--json")
+    assert code == 0, err
+    per = json.loads(out)["memory_policies"]
+    k = {p: o["capacity_tokens_per_rank"] for p, o in per.items()}
+    assert 0 < k["none"] < k["selective"], k  # selective frees memory: a larger K
+    assert all(o["capacity_from"] == f"memory estimator, --memory {p}" for p, o in per.items())
+    assert per["selective"]["num_microbatches"] <= per["none"]["num_microbatches"]
+    code, out, err = _run(capsys, *args)
+    assert code == 0, err
+    assert "K from the memory estimator per policy" in out
+    assert [line.split()[0] for line in out.splitlines()[2:4]] == ["none", "selective"]
+    code, out, err = _run(capsys, *args[:-1], "offload")
+    assert code == 2 and "--memory 'offload'" in err and len(err.strip().splitlines()) == 1

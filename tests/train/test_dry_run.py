@@ -125,3 +125,27 @@ def test_cli_dry_run_error_is_one_line(capsys):
     assert main(["train", LLAMA, "--dry-run", "--world-size", "12"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("seqpar: error: world size 12")
+
+
+def test_llama_7b_1m_dry_run_has_a_per_policy_memory_table():
+    """configs/llama-7b-1m.yaml on 8 x H100-SXM: each policy's estimated peak, whether it fits 80 GiB,
+    and the longest shard that does. At 131,072 tokens per rank none fits: offload is needed."""
+    cfg = load_config(os.path.join(REPO, "configs", "llama-7b-1m.yaml"), ["cluster.profile=H100-SXM"])
+    plan = plan_dry_run(cfg, 8)
+    assert plan.memory_tokens == 131072 and plan.memory_layout.algorithm == "ulysses"
+    assert set(plan.estimates) == {"none", "full", "selective"}
+    peaks = {p: e.peak_bytes for p, e in plan.estimates.items()}
+    assert peaks["full"] < peaks["selective"] < peaks["none"]
+    assert all(peak > plan.usable_bytes for peak in peaks.values())  # 1M tokens on 8 GPUs needs offload
+    assert 0 < plan.longest["none"] < plan.longest["selective"] < plan.longest["full"] < 131072
+    report = dry_run_report(cfg, 8)
+    assert "not estimated" not in report
+    rows = [line.split() for line in report.splitlines() if line.strip().lstrip("*").split()[:1] in (["none"], ["full"], ["selective"])]
+    assert len(rows) == 3 and all("NO" in row and "tokens" in row for row in rows), rows
+    assert "fits: peak <= 90% of 80 GiB" in report
+
+
+def test_dry_run_memory_fits_for_the_1b_config():
+    plan = plan_dry_run(load_config(LLAMA, ["cluster.profile=H100-SXM"]), 8)
+    assert all(e.peak_bytes <= plan.usable_bytes for e in plan.estimates.values())
+    assert all(t >= plan.memory_tokens for t in plan.longest.values())

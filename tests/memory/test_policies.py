@@ -1,0 +1,74 @@
+"""Memory policies (none / full / selective): same loss and gradients, attention forward run once
+per layer and micro-batch under selective (twice under full), and no attention collective during
+selective's recomputation."""
+
+import pytest
+import torch
+
+from seqpar.config import ConfigError, config_from_dict
+from seqpar.memory.checkpoint import apply_memory_policy, memory_policy_of
+from tests.memory.policy_cases import CFG, POLICIES, run_policy, sp_policy_matrix
+
+LAYERS, MICRO = CFG["n_layers"], 2
+
+
+def _same(a: dict, b: dict, rtol: float, atol: float) -> None:
+    assert abs(a["loss"] - b["loss"]) <= rtol * abs(b["loss"]), (a["loss"], b["loss"])
+    assert sorted(a["grads"]) == sorted(b["grads"])
+    for name, g in a["grads"].items():
+        torch.testing.assert_close(g, b["grads"][name], rtol=rtol, atol=atol, msg=name)
+
+
+def test_policies_single_process_same_loss_and_gradients_and_attention_counts():
+    runs = {p: run_policy(p) for p in POLICIES}
+    for p in ("full", "selective"):
+        _same(runs[p], runs["none"], rtol=1e-6, atol=1e-9)  # the same ops, recomputed: fp32-tight
+    assert {p: r["attention_calls"] for p, r in runs.items()} == {
+        "none": LAYERS * MICRO, "selective": LAYERS * MICRO, "full": 2 * LAYERS * MICRO}
+    assert runs["none"]["loss"] > 0 and all(g.abs().sum() > 0 for g in runs["none"]["grads"].values())
+
+
+@pytest.mark.parametrize("world,shapes", [
+    (2, [("ring", 1, 2), ("ulysses", 2, 1)]),
+    (4, [("ring", 1, 4), ("ulysses", 4, 1), ("hybrid", 2, 2)]),
+])
+def test_policies_under_sp_match_single_device_and_never_rerun_attention_collectives(dist_pool, world, shapes):
+    for out in dist_pool(world).run(sp_policy_matrix, shapes):
+        single = out["single"]
+        for algorithm, _, _ in shapes:
+            none = out[(algorithm, "none")]
+            assert none["fwd_collectives"] > 0 and none["bwd_collectives"] > 0  # the counters see the SP traffic
+            for policy in POLICIES:
+                r = out[(algorithm, policy)]
+                _same(r, single, rtol=1e-5, atol=1e-7)  # SP vs one device: fp32, sums in another order
+                _same(r, none, rtol=1e-6, atol=1e-9)
+                assert r["fwd_collectives"] == none["fwd_collectives"], (algorithm, policy)
+            sel, full = out[(algorithm, "selective")], out[(algorithm, "full")]
+            # Selective's backward launches exactly the attention backward's collectives: nothing is
+            # recomputed that communicates. Full's backward reruns every forward collective.
+            assert sel["bwd_collectives"] == none["bwd_collectives"], algorithm
+            assert full["bwd_collectives"] == none["bwd_collectives"] + none["fwd_collectives"], algorithm
+            assert sel["attention_calls"] == none["attention_calls"] == LAYERS * MICRO
+            assert full["attention_calls"] == 2 * LAYERS * MICRO
+
+
+def test_policy_application_and_config_alias():
+    from seqpar.attention import build_attention
+    from seqpar.config import ModelConfig
+    from seqpar.model.llama import Transformer
+
+    model = Transformer(ModelConfig(**CFG), build_attention("reference", torch.device("cpu")))
+    apply_memory_policy(model.layers, "selective")
+    apply_memory_policy(model.layers, "selective")  # idempotent
+    assert [memory_policy_of(b) for b in model.layers] == ["selective"] * LAYERS
+    with pytest.raises(ValueError, match="already has memory policy 'selective'"):
+        apply_memory_policy(model.layers, "full")
+    with pytest.raises(ValueError, match="memory.policy='offload'"):
+        apply_memory_policy(model.layers, "offload")
+    # model.activation_checkpointing: true is the older spelling of memory.policy: full.
+    assert config_from_dict({"model": {"activation_checkpointing": True}}).memory.policy == "full"
+    assert config_from_dict({"memory": {"policy": "selective"}}).memory.policy == "selective"
+    with pytest.raises(ConfigError, match="model.activation_checkpointing=true means memory.policy=full"):
+        config_from_dict({"model": {"activation_checkpointing": True}, "memory": {"policy": "selective"}})
+    with pytest.raises(ConfigError, match="memory.policy"):
+        config_from_dict({"memory": {"policy": "all"}})
