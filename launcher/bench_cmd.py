@@ -146,7 +146,7 @@ def add_bench_commands(sub) -> None:
     p.add_argument("--model", default="128,4,4,2", help="dim,layers,heads,kv_heads (default: the tiny-cpu model)")
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--tokens", default="1024,2048", help="comma-separated tokens of the micro-batch")
-    p.add_argument("--policies", default="none,full,selective", help="comma-separated memory policies")
+    p.add_argument("--policies", default="none,full,selective", help="comma-separated memory policies (offload: CUDA only)")
     p.add_argument("--chunk", type=int, default=256, help="memory.loss_chunk_tokens")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_memory)

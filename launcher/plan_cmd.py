@@ -221,7 +221,7 @@ def add_plan_commands(sub) -> None:
     p.add_argument("--profile", required=True, help="hardware profile name (cluster/profiles) or YAML path")
     p.add_argument("--model", default="gpt-7b", help=f"model preset ({', '.join(MODEL_PRESETS)}) or a config YAML path")
     p.add_argument("--memory", default="",
-                   help="memory policy (none, full, selective) whose estimated peak sets K, the tokens per rank; "
+                   help="memory policy (none, full, selective, offload) whose estimated peak sets K, the tokens per rank; "
                         "comma-separated to compare policies side by side (default: the profile's activation bytes per token)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--batch-size", type=int, default=0, help="sequences per step (default 512; --lengths: the whole file)")

@@ -261,19 +261,22 @@ class ClusterConfig:
     profile: str = "auto"  # hardware profile for MFU: auto (detect), a name in cluster/profiles, or a YAML path
 
 
-#: Values of ``memory.policy`` (the next issue adds offload and memo).
-MEMORY_POLICIES: tuple[str, ...] = ("none", "full", "selective")
+#: Values of ``memory.policy`` (memo, with token-wise recomputation, comes next).
+MEMORY_POLICIES: tuple[str, ...] = ("none", "full", "selective", "offload")
 
 
 @dataclass
 class MemoryConfig:
-    #: Activation memory policy (``seqpar.memory.policies``): none | full (whole-block recompute) |
-    #: selective (save attention's inputs and output, recompute only the token-local ops).
+    #: Activation memory policy (``seqpar.memory.checkpoint``): none | full (whole-block recompute) |
+    #: selective (save attention's inputs and output, recompute only the token-local ops) | offload
+    #: (saved tensors to host memory, all blocks but the last ``keep_last``).
     policy: str = "none"
     loss_chunk_tokens: int = 4096  # the LM head and loss run over chunks of this many tokens (0: one chunk)
+    keep_last: int = 2  # offload: the last blocks keep their saved tensors (their backward starts at once)
 
     def __post_init__(self) -> None:
         _choice("memory.policy", self.policy, MEMORY_POLICIES)
+        _check(self.keep_last >= 0, f"memory.keep_last={self.keep_last} must be >= 0")
         _check(self.loss_chunk_tokens >= 0, f"memory.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: one chunk)")
 
 

@@ -287,7 +287,7 @@ if [[ ",$PARTS," == *,train,* ]]; then
 fi
 
 if [[ ",$PARTS," == *,memory,* ]]; then  # its log goes into extras.tar.gz: DIR holds at most 8 files
-    sizes=(--model 2048,8,16,4 --vocab 32000 --tokens 8192,32768 --chunk 4096)
+    sizes=(--model 2048,8,16,4 --vocab 32000 --tokens 8192,32768 --chunk 4096 --policies none,full,selective,offload)
     [[ $MODE == dry ]] && sizes=(--model 128,4,4,2 --vocab 512 --tokens 512,1024 --chunk 256)  # activations above the 1 MB score blocks
     run_part memory "$WORK/memory.log" "$PY" -m seqpar.launcher bench memory "${sizes[@]}" --json "$WORK/memory_bench.json"
     record memory

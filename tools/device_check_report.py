@@ -110,12 +110,19 @@ def check_kernels(dir_: str, mode: str, args: argparse.Namespace) -> tuple[dict,
     return numbers, key, problems
 
 
-def check_sync(dir_: str, mode: str, args: argparse.Namespace) -> tuple[dict, str, list[str]]:
-    path = os.path.join(dir_, WORK, "sync_check.json")
+def _work_json(dir_: str, name: str) -> Any:
+    """A JSON file a part wrote into DIR/work, or None when it did not get that far."""
+    path = os.path.join(dir_, WORK, name)
     if not os.path.exists(path):
-        return {}, "", ["no sync_check.json: the check did not finish (see sync_check.log)"]
+        return None
     with open(path) as f:
-        r = json.load(f)
+        return json.load(f)
+
+
+def check_sync(dir_: str, mode: str, args: argparse.Namespace) -> tuple[dict, str, list[str]]:
+    r = _work_json(dir_, "sync_check.json")
+    if r is None:
+        return {}, "", ["no sync_check.json: the check did not finish (see sync_check.log)"]
     problems = []
     if r["host_syncs"]:
         problems.append(f"{r['host_syncs']} host sync(s): " + "; ".join(r["sync_sites"][:3]))
@@ -195,11 +202,9 @@ def check_train(dir_: str, mode: str, args: argparse.Namespace) -> tuple[dict, s
 
 
 def check_memory(dir_: str, mode: str, args: argparse.Namespace) -> tuple[dict, str, list[str]]:
-    path = os.path.join(dir_, WORK, "memory_bench.json")
-    if not os.path.exists(path):
+    r = _work_json(dir_, "memory_bench.json")
+    if r is None:
         return {}, "", ["no memory_bench.json: the benchmark did not finish (see memory.log in extras.tar.gz)"]
-    with open(path) as f:
-        r = json.load(f)
     numbers = {f"{row['tokens']}-{row['policy']}": {"measured_mib": row["measured"] / 2**20,
                                                     "estimated_mib": row["estimated"] / 2**20, "error": row["error"]}
                for row in r["rows"]}

@@ -10,6 +10,8 @@
   projection, residuals, norm, MLP) run under checkpointing; attention runs once, outside any
   checkpoint region, and keeps what its backward needs (q, k, v, output, lse). Backward recomputes
   only the token-local ops: attention's forward and its collectives never run twice.
+- ``offload``: every tensor a block saves leaves the device through a transfer engine, except in the
+  last ``keep_last`` blocks (``seqpar.memory.offload``); nothing is recomputed.
 
 Each block's ``forward`` is replaced on the instance, so parameter names, state dicts and the layer
 code are unchanged (a wrapper module would rename every parameter, and with it checkpoints and the
@@ -26,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seqpar.config import MEMORY_POLICIES
+from seqpar.memory.transfer import TransferEngine
 
 
 class CheckpointedForward:
@@ -70,11 +73,25 @@ def memory_policy_of(block: nn.Module) -> str:
     return getattr(block.__dict__.get("forward"), "policy", "none")
 
 
-def apply_memory_policy(blocks: Iterable[nn.Module], policy: str) -> None:
-    """Apply ``policy`` (none | full | selective) to every block; idempotent for the same policy,
-    an error for a block that already has another (apply one policy, once, before FSDP)."""
+def apply_memory_policy(blocks: Iterable[nn.Module], policy: str, engine: TransferEngine | None = None,
+                        keep_last: int = 2) -> None:
+    """Apply ``policy`` (none | full | selective | offload) to every block; idempotent for the same
+    policy, an error for a block that already has another (apply one policy, once, before FSDP).
+    ``offload`` moves saved tensors through ``engine`` (default: a ``HostEngine``) for all blocks but
+    the last ``keep_last`` (``seqpar.memory.offload``)."""
     if policy not in MEMORY_POLICIES:
         raise ValueError(f"memory.policy={policy!r}: choose one of {', '.join(MEMORY_POLICIES)}")
+    blocks = list(blocks)
+    if policy == "offload":
+        current = {memory_policy_of(b) for b in blocks} - {"none"}
+        if current and current != {"offload"}:
+            raise ValueError(f"block already has memory policy {sorted(current)[0]!r}; cannot apply 'offload' on top of it")
+        if not current:
+            from seqpar.memory.offload import OffloadSession, apply_offload
+            from seqpar.memory.transfer import HostEngine
+
+            apply_offload(blocks, OffloadSession(engine or HostEngine()), keep_last)
+        return
     for block in blocks:
         current = memory_policy_of(block)
         if current == policy:

@@ -18,7 +18,8 @@ saved-tensor hooks and MemTracker in tests/memory/test_estimate.py), per local t
 
 Policies: ``none`` keeps all of it; ``full`` keeps each block's input and recomputes one whole
 block at a time in backward; ``selective`` keeps the block input and attention's tensors and
-recomputes the token-local stages one at a time (the MLP stage is the larger).
+recomputes the token-local stages one at a time (the MLP stage is the larger); ``offload`` moves
+all of it to host memory except in the last ``keep_last`` blocks, with ``depth`` blocks in flight.
 The peak is reached either at the end of the forward (every layer's saved tensors, the head's,
 and one chunk of logits) or early in the backward (every layer's saved tensors, one layer's
 recomputed tensors and the backward's gradient workspace).
@@ -59,6 +60,8 @@ class MemoryLayout:
     attention: str = "flash"
     score_block_bytes: int = 64 << 20
     loss_chunk_tokens: int = 4096
+    keep_last: int = 2  # offload: blocks at the end that keep their saved tensors
+    depth: int = 1  # offload: the transfer engine's layers of copies in flight
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -124,8 +127,8 @@ def layer_bytes(m: ModelConfig, policy: str, lay: MemoryLayout) -> LayerBytes:
     mlp = norm + 4 * e * f + casts // 3
     none = 2 * norm + casts + attn + 4 * e * f
     block_input = lay.residual_elem * h
-    saved = {"none": none, "full": block_input, "selective": block_input + attn}[policy]
-    recompute = {"none": 0.0, "full": none, "selective": mlp}[policy]
+    saved = {"none": none, "full": block_input, "selective": block_input + attn, "offload": none}[policy]
+    recompute = {"none": 0.0, "full": none, "selective": mlp, "offload": 0.0}[policy]
     workspace = 2.0 * e * f  # two f-wide gradients alive in the MLP's backward
     attention = _attention_transient(m, lay, hq, hkv, heads)
     return LayerBytes(float(saved), float(recompute), workspace, attention)
@@ -165,6 +168,7 @@ class MemoryEstimate:
     recompute: float
     workspace: float
     attention_workspace: float
+    host: float = 0.0  # offloaded activations in host memory
 
     @property
     def states(self) -> float:
@@ -176,12 +180,13 @@ class MemoryEstimate:
         return self.states + self.activations + max(self.head_and_loss, backward)
 
     def rows(self) -> list[tuple[str, float]]:
-        """(label, bytes) of the breakdown, the peak last."""
+        """(label, bytes) of the breakdown; then the peak, and the host bytes (offload) outside it."""
         return [("parameters (fp32)", self.params), ("gradients (fp32)", self.grads),
                 ("AdamW state (2 x fp32)", self.optimizer), ("compute copies", self.compute_copies),
                 ("saved activations", self.activations), ("head + loss chunk", self.head_and_loss),
                 ("recompute (1 block)", self.recompute), ("backward workspace", self.workspace),
-                ("attention workspace", self.attention_workspace), ("peak", self.peak_bytes)]
+                ("attention workspace", self.attention_workspace), ("peak", self.peak_bytes),
+                ("host (offloaded)", self.host)]
 
 
 def state_bytes(m: ModelConfig, lay: MemoryLayout) -> tuple[float, float, float, float]:
@@ -215,8 +220,13 @@ def estimate_memory(m: ModelConfig, policy: str, tokens: int, lay: MemoryLayout)
     # fp32 gradient and its compute-dtype copy are no more), the fp32 head-weight gradient and dh.
     loss = chunk * v * (8 + (0 if e == 4 else e)) + 4.0 * v * h + e * h * t
     score = 2.0 * lay.score_block_bytes if lay.attention == "reference" else 0.0  # scores and their gradient
+    # Offload keeps the last keep_last blocks, plus ``depth`` blocks of copies in flight at the end of
+    # the forward (or one block prefetched at the start of the backward).
+    offloaded = max(0, m.n_layers - lay.keep_last) if policy == "offload" else 0
+    on_device = m.n_layers - offloaded + min(offloaded, lay.depth)
     return MemoryEstimate(policy=policy, tokens=int(tokens), params=params, grads=grads, optimizer=optim,
-                          compute_copies=copies, activations=m.n_layers * lb.saved * t, head_and_loss=head + loss,
+                          compute_copies=copies, activations=on_device * lb.saved * t, host=offloaded * lb.saved * t,
+                          head_and_loss=head + loss,
                           recompute=lb.recompute * t, workspace=lb.workspace * t,
                           attention_workspace=lb.attention * t + score)
 

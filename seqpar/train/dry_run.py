@@ -148,6 +148,7 @@ def _memory_estimates(cfg: Config, model_cfg: ModelConfig, dims: ParallelDims, p
             layout = dataclasses.replace(layout, algorithm="ring", ulysses=1, ring=dims.world_size)
     else:
         layout = static_layout((dims.ulysses, dims.ring), shards, precision, attention, cfg.memory.loss_chunk_tokens)
+    layout = dataclasses.replace(layout, keep_last=cfg.memory.keep_last)
     tokens = -(-cfg.data.seq_len // dims.sp)
     estimates = {p: estimate_memory(model_cfg, p, tokens, layout) for p in MEMORY_POLICIES}
     usable = None
@@ -319,16 +320,17 @@ def _memory_table(plan: DryRunPlan, cfg: Config) -> list[str]:
     lines = [f"estimate  per rank, {plan.memory_tokens:,} tokens per micro-batch, {lay.precision}, {sp}, "
              f"{lay.attention} attention, loss chunks of {lay.loss_chunk_tokens:,} (seqpar.memory.estimate){fits_to}:",
              f"          {'memory.policy':<16}{'states':>10}{'saved act.':>12}{'head+loss':>11}{'recompute':>11}"
-             f"{'workspace':>11}{'peak':>11}  fits  longest shard"]
+             f"{'workspace':>11}{'peak':>11}  fits  {'host':>10}  longest shard"]
     for policy, est in plan.estimates.items():
         mark = "*" if policy == cfg.memory.policy else " "
         fits = "  -  " if plan.usable_bytes is None else (" yes " if est.peak_bytes <= plan.usable_bytes else " NO  ")
         longest = f"{plan.longest[policy]:,} tokens" if plan.longest else "-"
         lines.append(f"          {mark}{policy:<15}{_gib(est.states)}{_gib(est.activations, 12)}{_gib(est.head_and_loss, 11)}"
                      f"{_gib(est.recompute, 11)}{_gib(max(est.workspace, est.attention_workspace), 11)}"
-                     f"{_gib(est.peak_bytes, 11)}  {fits} {longest}")
+                     f"{_gib(est.peak_bytes, 11)}  {fits} {_gib(est.host)}  {longest}")
     lines.append("          (* memory.policy of this run; states include bf16 compute copies; the peak is the larger of "
-                 "the forward's end and the backward's start)")
+                 f"the forward's end and the backward's start; host: offloaded activations per rank, "
+                 f"memory.keep_last={lay.keep_last} blocks stay)")
     return lines
 
 

@@ -68,7 +68,8 @@ def default_model_policies(cfg: Config) -> list[ModelPolicy]:
     if cfg.memory.policy != "none":  # model.activation_checkpointing: true is memory.policy: full
         from seqpar.memory.checkpoint import apply_memory_policy
 
-        policies.append(lambda model: apply_memory_policy(model.layers, cfg.memory.policy))
+        policies.append(lambda model: apply_memory_policy(model.layers, cfg.memory.policy,
+                                                          keep_last=cfg.memory.keep_last))
     return policies
 
 

@@ -13,7 +13,7 @@ from seqpar.config import ModelConfig
 
 CFG = dict(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64)
 DOCS = [23, 1, 40, 7, 29]  # odd and uneven: 100 tokens, not a multiple of 2 x world
-POLICIES = ("none", "full", "selective")
+POLICIES = ("none", "full", "selective", "offload")
 
 
 class CountingAttention:
@@ -57,12 +57,13 @@ def _stream(seed: int = 0):
     return tokens, np.concatenate([[0], np.cumsum(DOCS)]).astype(np.int32)
 
 
-def run_policy(policy: str, assignment=None, micro_batches: int = 2) -> dict:
+def run_policy(policy: str, assignment=None, micro_batches: int = 2, depth: int = 1) -> dict:
     """One step (``micro_batches`` copies of the stream, each its own forward/backward) of an fp32
     model under ``policy``; with ``assignment`` (SPAssignment) the stream is sharded over its group
     and gradients are summed over the world. Returns loss, grads and the counts."""
     from seqpar.attention import build_attention
     from seqpar.memory.checkpoint import apply_memory_policy
+    from seqpar.memory.transfer import HostEngine
     from seqpar.model.llama import Transformer
     from seqpar.train.batch import make_microbatch, shard_microbatch
 
@@ -70,7 +71,8 @@ def run_policy(policy: str, assignment=None, micro_batches: int = 2) -> dict:
     attention = CountingAttention(build_attention("reference", torch.device("cpu")))
     model = Transformer(ModelConfig(**CFG), attention)
     model.loss_chunk_tokens = 16
-    apply_memory_policy(model.layers, policy)
+    engine = HostEngine(depth)
+    apply_memory_policy(model.layers, policy, engine=engine, keep_last=1)  # offload: 2 of 3 blocks
     mb = make_microbatch(*_stream(), torch.device("cpu"))
     targets = mb.num_targets * micro_batches
     if assignment is not None:
@@ -93,7 +95,8 @@ def run_policy(policy: str, assignment=None, micro_batches: int = 2) -> dict:
         dist.all_reduce(t)
         total = float(t)
     return {"loss": total, "grads": grads, "attention_calls": attention.calls, "fwd_collectives": fwd,
-            "bwd_collectives": bwd}
+            "bwd_collectives": bwd, "offloaded_bytes": engine.stats.offloaded_bytes,
+            "late_reloads": engine.stats.late_reloads, "host_bytes_after": engine.stats.host_bytes}
 
 
 def sp_policy_matrix(shapes: list[tuple[str, int, int]]) -> dict:

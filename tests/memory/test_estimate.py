@@ -76,5 +76,5 @@ def test_longest_sequence_that_fits():
 def test_bad_layouts_are_one_line_errors():
     with pytest.raises(ValueError, match="algorithm='zigzag'"):
         MemoryLayout(algorithm="zigzag")
-    with pytest.raises(ValueError, match="memory.policy='offload'"):
-        layer_bytes(GQA, "offload", MemoryLayout())
+    with pytest.raises(ValueError, match="memory.policy='memo'"):
+        layer_bytes(GQA, "memo", MemoryLayout())

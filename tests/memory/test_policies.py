@@ -1,6 +1,6 @@
-"""Memory policies (none / full / selective): same loss and gradients, attention forward run once
-per layer and micro-batch under selective (twice under full), and no attention collective during
-selective's recomputation."""
+"""Memory policies (none / full / selective / offload): same loss and gradients, attention forward
+run once per layer and micro-batch under selective and offload (twice under full), and no
+attention collective during selective's recomputation or offload's reloads."""
 
 import pytest
 import torch
@@ -21,10 +21,13 @@ def _same(a: dict, b: dict, rtol: float, atol: float) -> None:
 
 def test_policies_single_process_same_loss_and_gradients_and_attention_counts():
     runs = {p: run_policy(p) for p in POLICIES}
-    for p in ("full", "selective"):
-        _same(runs[p], runs["none"], rtol=1e-6, atol=1e-9)  # the same ops, recomputed: fp32-tight
+    for p in ("full", "selective", "offload"):
+        _same(runs[p], runs["none"], rtol=1e-6, atol=1e-9)  # the same ops, recomputed or moved: fp32-tight
     assert {p: r["attention_calls"] for p, r in runs.items()} == {
-        "none": LAYERS * MICRO, "selective": LAYERS * MICRO, "full": 2 * LAYERS * MICRO}
+        "none": LAYERS * MICRO, "selective": LAYERS * MICRO, "full": 2 * LAYERS * MICRO, "offload": LAYERS * MICRO}
+    off = runs["offload"]
+    assert off["offloaded_bytes"] > 0 and off["host_bytes_after"] == 0  # moved, and freed after each micro-batch
+    assert off["late_reloads"] == 0  # every reload was prefetched when the block above started its backward
     assert runs["none"]["loss"] > 0 and all(g.abs().sum() > 0 for g in runs["none"]["grads"].values())
 
 
@@ -49,6 +52,9 @@ def test_policies_under_sp_match_single_device_and_never_rerun_attention_collect
             assert sel["bwd_collectives"] == none["bwd_collectives"], algorithm
             assert full["bwd_collectives"] == none["bwd_collectives"] + none["fwd_collectives"], algorithm
             assert sel["attention_calls"] == none["attention_calls"] == LAYERS * MICRO
+            off = out[(algorithm, "offload")]
+            assert off["bwd_collectives"] == none["bwd_collectives"] and off["attention_calls"] == LAYERS * MICRO
+            assert off["offloaded_bytes"] > 0 and off["late_reloads"] == 0
             assert full["attention_calls"] == 2 * LAYERS * MICRO
 
 
@@ -63,7 +69,9 @@ def test_policy_application_and_config_alias():
     assert [memory_policy_of(b) for b in model.layers] == ["selective"] * LAYERS
     with pytest.raises(ValueError, match="already has memory policy 'selective'"):
         apply_memory_policy(model.layers, "full")
-    with pytest.raises(ValueError, match="memory.policy='offload'"):
+    with pytest.raises(ValueError, match="memory.policy='memo'"):
+        apply_memory_policy(model.layers, "memo")
+    with pytest.raises(ValueError, match="already has memory policy 'selective'; cannot apply 'offload'"):
         apply_memory_policy(model.layers, "offload")
     # model.activation_checkpointing: true is the older spelling of memory.policy: full.
     assert config_from_dict({"model": {"activation_checkpointing": True}}).memory.policy == "full"

@@ -120,5 +120,5 @@ def test_memory_policies_change_capacity_and_plan(capsys):
     assert code == 0, err
     assert "K from the memory estimator per policy" in out
     assert [line.split()[0] for line in out.splitlines()[2:4]] == ["none", "selective"]
-    code, out, err = _run(capsys, *args[:-1], "offload")
-    assert code == 2 and "--memory 'offload'" in err and len(err.strip().splitlines()) == 1
+    code, out, err = _run(capsys, *args[:-1], "memo")
+    assert code == 2 and "--memory 'memo'" in err and len(err.strip().splitlines()) == 1

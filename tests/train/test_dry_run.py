@@ -133,15 +133,19 @@ def test_llama_7b_1m_dry_run_has_a_per_policy_memory_table():
     cfg = load_config(os.path.join(REPO, "configs", "llama-7b-1m.yaml"), ["cluster.profile=H100-SXM"])
     plan = plan_dry_run(cfg, 8)
     assert plan.memory_tokens == 131072 and plan.memory_layout.algorithm == "ulysses"
-    assert set(plan.estimates) == {"none", "full", "selective"}
+    assert set(plan.estimates) == {"none", "full", "selective", "offload"}
     peaks = {p: e.peak_bytes for p, e in plan.estimates.items()}
-    assert peaks["full"] < peaks["selective"] < peaks["none"]
+    assert peaks["full"] < peaks["offload"] < peaks["selective"] < peaks["none"]
+    off = plan.estimates["offload"]  # 30 of 32 blocks in host memory, 2 kept + 1 in flight on the device
+    assert off.host == pytest.approx(plan.estimates["none"].activations * 30 / 32)
+    assert off.activations == pytest.approx(plan.estimates["none"].activations * 3 / 32)
     assert all(peak > plan.usable_bytes for peak in peaks.values())  # 1M tokens on 8 GPUs needs offload
     assert 0 < plan.longest["none"] < plan.longest["selective"] < plan.longest["full"] < 131072
     report = dry_run_report(cfg, 8)
     assert "not estimated" not in report
-    rows = [line.split() for line in report.splitlines() if line.strip().lstrip("*").split()[:1] in (["none"], ["full"], ["selective"])]
-    assert len(rows) == 3 and all("NO" in row and "tokens" in row for row in rows), rows
+    rows = [line.split() for line in report.splitlines()
+            if line.strip().lstrip("*").split()[:1] in (["none"], ["full"], ["selective"], ["offload"])]
+    assert len(rows) == 4 and all("NO" in row and "tokens" in row for row in rows), rows
     assert "fits: peak <= 90% of 80 GiB" in report
 
 
