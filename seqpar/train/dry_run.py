@@ -108,7 +108,7 @@ def plan_dry_run(cfg: Config, world_size: int) -> DryRunPlan:
     fpt = flops_per_token(model_cfg, [cfg.data.seq_len], causal=True)
     profile = None if cfg.cluster.profile == "auto" else load_profile(cfg.cluster.profile)
     adaptive = _adaptive_lines(dataclasses.replace(cfg, model=model_cfg), world_size) if cfg.adaptive else None
-    memory = _memory_estimates(cfg, model_cfg, dims, profile, shards)
+    memory = memory_estimates(cfg, model_cfg, dims, profile, shards)
     return DryRunPlan(
         **memory,
         adaptive=adaptive,
@@ -133,12 +133,14 @@ def plan_dry_run(cfg: Config, world_size: int) -> DryRunPlan:
     )
 
 
-def _memory_estimates(cfg: Config, model_cfg: ModelConfig, dims: ParallelDims, profile: HardwareProfile | None,
-                      shards: int) -> dict:
+def memory_estimates(cfg: Config, model_cfg: ModelConfig, dims: ParallelDims, profile: HardwareProfile | None,
+                      shards: int, device_type: str | None = None) -> dict:
     """Per-policy estimates for this run's layout at its tokens per rank (seq_len / sp; K when
-    adaptive), and the longest shard that fits the profile's device memory."""
-    gpu = (profile is not None and not profile.name.startswith("cpu")) or (profile is None and torch.cuda.is_available())
-    device_type = "cuda" if gpu else "cpu"
+    adaptive), and the longest shard that fits the profile's device memory. ``device_type``
+    defaults to the profile's kind (CUDA unless it is the cpu profile; this machine's without one)."""
+    if device_type is None:
+        gpu = (profile is not None and not profile.name.startswith("cpu")) or (profile is None and torch.cuda.is_available())
+        device_type = "cuda" if gpu else "cpu"
     precision = precision_of(cfg.train.dtype, cfg.parallel.fsdp, device_type)
     attention = attention_kind(cfg.kernels.attention, device_type)
     if cfg.adaptive:  # the layout that sets K: the largest group of the most memory-hungry algorithm

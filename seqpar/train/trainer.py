@@ -224,11 +224,25 @@ class Trainer:
             cm, notes = self.cost_model, self.cost_notes
             log.info(f"adaptive: profile {notes['profile']} | K = {cm.capacity:,} tokens/rank ({notes['capacity_from']}) | "
                      f"{degree_summary(cm)} | planner time limit {cfg.scatter.time_limit_s:g} s")
+        log.info(self._memory_line())
         log.info(
             "FLOPs: model FLOPs (6 x matmul params per token + causal attention per document, recompute not counted); "
             f"peak {'n/a' if peak is None else f'{peak / 1e12:.1f} TFLOP/s per device'} "
             f"({profile.name if profile else 'unknown hardware'}, {str(self.dtype).replace('torch.', '')})"
         )
+
+    def _memory_line(self) -> str:
+        """The memory policy and the estimator's peak per rank for this run (seqpar.memory.estimate)."""
+        from seqpar.train.dry_run import memory_estimates
+
+        cfg = self.cfg
+        shards = self.dims.dp * self.dims.sp if cfg.parallel.fsdp else 1
+        m = memory_estimates(cfg, self.model.cfg, self.dims, None, shards, self.device.type)
+        est = m["estimates"][cfg.memory.policy]
+        host = f", host {est.host / 2**30:.2f} GiB" if est.host else ""
+        return (f"memory: policy {cfg.memory.policy} | estimated peak {est.peak_bytes / 2**30:.2f} GiB per rank at "
+                f"{m['memory_tokens']:,} tokens per micro-batch (saved activations {est.activations / 2**30:.2f} GiB{host}; "
+                "seqpar.memory.estimate)")
 
     def forward_backward_step(self, micro_batches, poison: bool = False):
         """Forward and backward of this rank's micro-batches of one step (``step.forward_backward_step``)."""
