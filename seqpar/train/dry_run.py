@@ -135,8 +135,9 @@ def plan_dry_run(cfg: Config, world_size: int) -> DryRunPlan:
 
 def memory_estimates(cfg: Config, model_cfg: ModelConfig, dims: ParallelDims, profile: HardwareProfile | None,
                       shards: int, device_type: str | None = None) -> dict:
-    """Per-policy estimates for this run's layout at its tokens per rank (seq_len / sp; K when
-    adaptive), and the longest shard that fits the profile's device memory. ``device_type``
+    """Per-policy estimates for this run's layout at its tokens per rank (seq_len / sp; adaptive: the
+    longest sequence over the whole pool, in the layout that holds the most per token), and the
+    longest shard that fits the profile's device memory. ``device_type``
     defaults to the profile's kind (CUDA unless it is the cpu profile; this machine's without one)."""
     if device_type is None:
         gpu = (profile is not None and not profile.name.startswith("cpu")) or (profile is None and torch.cuda.is_available())
