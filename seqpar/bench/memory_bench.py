@@ -41,7 +41,8 @@ class MemoryRow:
         return self.estimated / self.measured - 1
 
 
-def _microbatch(tokens: int, vocab: int, device: torch.device):
+def microbatch(tokens: int, vocab: int, device: torch.device):
+    """One stream of three packed documents (half, a quarter, the rest) of seeded random tokens."""
     from seqpar.train.batch import make_microbatch
 
     docs = [tokens // 2, tokens // 4, tokens - tokens // 2 - tokens // 4]
@@ -70,10 +71,10 @@ def measured_peak(cfg: ModelConfig, policy: str, tokens: int, chunk: int, device
             loss = model(mb.tokens, mb.ctx, labels=mb.labels)
         loss.backward()
 
-    step(_microbatch(64, cfg.vocab_size, device))
+    step(microbatch(64, cfg.vocab_size, device))
     opt.step()
     opt.zero_grad(set_to_none=False)
-    mb = _microbatch(tokens, cfg.vocab_size, device)
+    mb = microbatch(tokens, cfg.vocab_size, device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

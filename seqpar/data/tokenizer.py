@@ -126,3 +126,9 @@ def load_tokenizer(spec: str = "byte", eot_id: int | None = None) -> AnyTokenize
         return HFTokenizer(spec, eot_id=eot_id)
     raise ValueError(f"unknown tokenizer {spec!r}: use 'byte' or a path to a local "
                      "tokenizer.json (or a directory containing one)")
+
+
+def padded_vocab_size(spec: str = "byte") -> int:
+    """The tokenizer's vocabulary rounded up to a multiple of 64, as the trainer sizes the embedding
+    when ``model.vocab_size`` is 0."""
+    return 64 * ((load_tokenizer(spec).vocab_size + 63) // 64)

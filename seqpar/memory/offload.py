@@ -40,7 +40,6 @@ class Packed:
     size: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
-    device: torch.device
 
 
 class OffloadSession:
@@ -49,7 +48,6 @@ class OffloadSession:
     def __init__(self, engine: TransferEngine, min_bytes: int = MIN_BYTES) -> None:
         self.engine, self.min_bytes = engine, min_bytes
         self._storages: dict[int, tuple[Handle, weakref.ref]] = {}
-        self.kept_bytes = 0  # saved bytes left on the device by the offloaded layers (small tensors)
 
     def pack(self, layer: int, block: nn.Module) -> Callable[[torch.Tensor], object]:
         params = {p.untyped_storage()._cdata for p in block.parameters() if p.device.type != "meta"}
@@ -64,7 +62,6 @@ class OffloadSession:
                 known = None
             if known is None:
                 if storage.nbytes() < self.min_bytes:
-                    self.kept_bytes += storage.nbytes()
                     return t
                 data = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
                 # A storage's Python object lives exactly as long as the storage: a dead weak reference
@@ -74,7 +71,7 @@ class OffloadSession:
                 known[0].uses += 1
                 self.engine.reuse(known[0], layer)
             h = known[0]
-            return Packed(h, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.device)
+            return Packed(h, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
 
         return pack
 
@@ -101,7 +98,6 @@ class OffloadSession:
     def end_step(self) -> None:
         """After a micro-batch's backward: free its host copies and forget its storages."""
         self._storages.clear()
-        self.kept_bytes = 0
         self.engine.end_step()
 
 

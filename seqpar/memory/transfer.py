@@ -26,7 +26,7 @@ plugs into the same interface; it is not built yet.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -86,7 +86,6 @@ class EngineStats:
     peak_host_bytes: int = 0
     offloaded_bytes: int = 0
     late_reloads: int = 0
-    layers: dict[int, int] = field(default_factory=dict)  # bytes offloaded per layer
 
     def add(self, device: int = 0, host: int = 0) -> None:
         self.device_bytes += device
@@ -128,7 +127,6 @@ class HostEngine:
         self._by_layer.setdefault(layer, []).append(h)
         self.stats.add(device=h.nbytes, host=h.nbytes)
         self.stats.offloaded_bytes += h.nbytes
-        self.stats.layers[layer] = self.stats.layers.get(layer, 0) + h.nbytes
         return h
 
     def reuse(self, h: Handle, layer: int) -> None:

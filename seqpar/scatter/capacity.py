@@ -127,9 +127,9 @@ def _with_vocab(model: ModelConfig, tokenizer: str) -> ModelConfig:
     trainer does): the LM head's memory depends on it."""
     if model.vocab_size > 0:
         return model
-    from seqpar.data.tokenizer import load_tokenizer
+    from seqpar.data.tokenizer import padded_vocab_size
 
-    return dataclasses.replace(model, vocab_size=64 * ((load_tokenizer(tokenizer).vocab_size + 63) // 64))
+    return dataclasses.replace(model, vocab_size=padded_vocab_size(tokenizer))
 
 
 def degree_summary(cm: CostModel) -> str:

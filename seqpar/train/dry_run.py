@@ -21,7 +21,7 @@ from seqpar.hardware import HardwareProfile, load_profile, peak_flops
 from seqpar.memory.estimate import (USABLE_FRACTION, MemoryEstimate, MemoryLayout, attention_kind, estimate_memory,
                                     max_tokens, precision_of, static_layout)
 from seqpar.model.flops import flops_per_token
-from seqpar.parallel.dims import ParallelDims
+from seqpar.parallel.dims import ParallelDims, ulysses_head_error
 
 #: Ranks up to which the report lists every rank's coordinates and groups.
 _LIST_RANKS_UP_TO = 16
@@ -33,10 +33,10 @@ def resolve_vocab_size(cfg: Config) -> tuple[int, str]:
     the trainer does (a store's metadata, read only at launch, may name another tokenizer)."""
     if cfg.model.vocab_size > 0:
         return cfg.model.vocab_size, "model.vocab_size"
-    from seqpar.data.tokenizer import load_tokenizer
+    from seqpar.data.tokenizer import load_tokenizer, padded_vocab_size
 
     tok = load_tokenizer(cfg.data.tokenizer)
-    return 64 * ((tok.vocab_size + 63) // 64), f"tokenizer {cfg.data.tokenizer!r} ({tok.vocab_size}) rounded up to 64"
+    return padded_vocab_size(cfg.data.tokenizer), f"tokenizer {cfg.data.tokenizer!r} ({tok.vocab_size}) rounded up to 64"
 
 
 def _no_attention(q, k, v, ctx):  # the meta model is never run
@@ -147,7 +147,7 @@ def memory_estimates(cfg: Config, model_cfg: ModelConfig, dims: ParallelDims, pr
     if cfg.adaptive:  # the layout that sets K: the largest group of the most memory-hungry algorithm
         layout = MemoryLayout("ulysses", ulysses=dims.world_size, state_shards=shards, precision=precision,
                               attention=attention, loss_chunk_tokens=cfg.memory.loss_chunk_tokens)
-        if not check_ulysses_ok(model_cfg, dims.world_size):
+        if ulysses_head_error(model_cfg.n_heads, model_cfg.n_kv_heads, dims.world_size) is not None:
             layout = dataclasses.replace(layout, algorithm="ring", ulysses=1, ring=dims.world_size)
     else:
         layout = static_layout((dims.ulysses, dims.ring), shards, precision, attention, cfg.memory.loss_chunk_tokens)
@@ -161,12 +161,6 @@ def memory_estimates(cfg: Config, model_cfg: ModelConfig, dims: ParallelDims, pr
         longest = {p: max_tokens(model_cfg, p, layout, usable) for p in MEMORY_POLICIES}
     return {"memory_layout": layout, "memory_tokens": tokens, "estimates": estimates, "usable_bytes": usable,
             "longest": longest}
-
-
-def check_ulysses_ok(model_cfg: ModelConfig, degree: int) -> bool:
-    from seqpar.parallel.dims import ulysses_head_error
-
-    return ulysses_head_error(model_cfg.n_heads, model_cfg.n_kv_heads, degree) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,19 +3,11 @@ the estimator's per-token terms are checked against (peaks: seqpar.bench.memory_
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from seqpar.bench.memory_bench import microbatch
 from seqpar.config import ModelConfig
-
-
-def _microbatch(tokens: int, vocab: int):
-    from seqpar.train.batch import make_microbatch
-
-    docs = [tokens // 2, tokens // 4, tokens - tokens // 2 - tokens // 4]
-    ids = np.random.default_rng(0).integers(0, vocab, tokens)
-    return make_microbatch(ids, np.concatenate([[0], np.cumsum(docs)]).astype(np.int32), torch.device("cpu"))
 
 
 _MESH = []
@@ -45,7 +37,7 @@ def saved_bytes(cfg: ModelConfig, tokens: int, autocast: bool = False, assignmen
     else:
         model = Transformer(cfg, attention)
     model.loss_chunk_tokens = 64
-    mb = _microbatch(tokens, cfg.vocab_size)
+    mb = microbatch(tokens, cfg.vocab_size, torch.device("cpu"))
     if assignment is not None:
         mb = shard_microbatch(mb, assignment)
     # Storages are told apart by their StorageImpl, not their address: FSDP frees a block's gathered
