@@ -86,7 +86,8 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
         cfg = ModelConfig(dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, vocab_size=args.vocab)
         tokens = [int(x) for x in args.tokens.split(",")]
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        rows = run_memory_bench(cfg, tokens, [p for p in args.policies.split(",") if p], device, chunk=args.chunk)
+        rows = run_memory_bench(cfg, tokens, [p for p in args.policies.split(",") if p], device, chunk=args.chunk,
+                                alpha=args.alpha)
     except (ValueError, ConfigError) as e:
         print(f"seqpar: error: {e}", file=sys.stderr)
         return 2
@@ -101,8 +102,51 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_offload(args: argparse.Namespace) -> int:
+    import torch
+
+    from seqpar.bench.offload_bench import format_table, run_offload_bench
+    from seqpar.bench.scale_bench import model_config
+
+    try:
+        cfg = model_config(args.model, args.vocab)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        rows = run_offload_bench(cfg, [int(x) for x in args.tokens.split(",")], [p for p in args.policies.split(",") if p],
+                                 device, steps=args.steps, alpha=args.alpha)
+    except ValueError as e:
+        print(f"seqpar: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows, device, args.alpha))
+    if args.json:
+        import dataclasses
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": device.type, "model": args.model, "vocab": args.vocab, "alpha": args.alpha,
+                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    return 0
+
+
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    import os
+
+    from seqpar.bench.scale_bench import format_table, model_config, run_scale_bench
+
+    try:
+        cfg = model_config(args.model, args.vocab)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        rows = run_scale_bench(args.model, args.vocab, args.world, args.budget_mib,
+                               [p for p in args.policies.split(",") if p], args.alpha, args.json)
+    except (ValueError, RuntimeError) as e:
+        print(f"seqpar: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows, cfg, args.world, args.budget_mib * 2**20, args.alpha))
+    return 0
+
+
 def add_bench_commands(sub) -> None:
-    """Register ``seqpar bench data``, ``kernels``, ``adaptive`` and ``memory`` on the top-level subparsers."""
+    """Register ``seqpar bench data``, ``kernels``, ``adaptive``, ``memory``, ``offload`` and ``scale`` on the
+    top-level subparsers."""
     bench = sub.add_parser("bench", help="benchmarks with ratios against a baseline measured in the same run")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     p = kinds.add_parser("data", help="dataset decomposition vs concat-and-chunk at the same token budget")
@@ -146,7 +190,28 @@ def add_bench_commands(sub) -> None:
     p.add_argument("--model", default="128,4,4,2", help="dim,layers,heads,kv_heads (default: the tiny-cpu model)")
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--tokens", default="1024,2048", help="comma-separated tokens of the micro-batch")
-    p.add_argument("--policies", default="none,full,selective", help="comma-separated memory policies (offload: CUDA only)")
+    p.add_argument("--policies", default="none,full,selective,offload,memo", help="comma-separated memory policies")
     p.add_argument("--chunk", type=int, default=256, help="memory.loss_chunk_tokens")
+    p.add_argument("--alpha", type=float, default=0.5, help="memo's alpha (share of tokens kept, not recomputed)")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_memory)
+
+    p = kinds.add_parser("offload", help="step time of offload and memo against selective, and their gradient error")
+    p.add_argument("--model", default="128,4,4,2", help="dim,layers,heads,kv_heads (default: the tiny-cpu model)")
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--tokens", default="2048", help="comma-separated lengths of the one-document micro-batch")
+    p.add_argument("--policies", default="selective,offload,memo", help="comma-separated memory policies (selective: the baseline)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per policy and length, after one warm-up step")
+    p.add_argument("--alpha", type=float, default=0.5, help="memo's alpha")
+    p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_bench_offload)
+
+    p = kinds.add_parser("scale", help="longest document that trains one step under a per-rank memory budget, per policy")
+    p.add_argument("--model", default="256,8,8,4", help="dim,layers,heads,kv_heads")
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--world", type=int, default=4, help="ranks of the ring (gloo processes)")
+    p.add_argument("--budget-mib", type=float, default=160, help="peak memory per rank (model states included)")
+    p.add_argument("--policies", default="none,full,selective,offload,memo", help="comma-separated memory policies")
+    p.add_argument("--alpha", type=float, default=0.0, help="memo's alpha (0: recompute every token-local op)")
+    p.add_argument("--json", default="runs/bench-scale/scale.json", help="where the rows go")
+    p.set_defaults(func=cmd_bench_scale)

@@ -78,7 +78,7 @@ def run_plan(args: argparse.Namespace) -> dict:
             per[policy] = run_plan(sub)
         return {"memory_policies": per}
     if policies:
-        cm = _estimated(cm, profile, model, policies[0])
+        cm = _estimated(cm, profile, model, policies[0], args.alpha)
     r = compare(cm, batches, opts)
     first = r["results"][0]
     max_tok = max(x.max_tokens_per_rank for x in r["results"])
@@ -101,16 +101,19 @@ def run_plan(args: argparse.Namespace) -> dict:
     return out
 
 
-def _estimated(cm, profile, model, policy: str):
+def _estimated(cm, profile, model, policy: str, alpha: float = 1.0):
     """The cost model with K from the memory estimator under ``policy`` (FSDP over the pool; bf16
-    and fused attention on GPU profiles, fp32 and the reference kernel on the CPU profile)."""
+    and fused attention on GPU profiles, fp32 and the reference kernel on the CPU profile; memo with
+    ``alpha``)."""
     from seqpar.config import MEMORY_POLICIES
     from seqpar.scatter.capacity import capacity_tokens
 
     if policy not in MEMORY_POLICIES:
         raise ValueError(f"--memory {policy!r}: choose among {', '.join(MEMORY_POLICIES)} (comma-separated to compare)")
     cpu = profile.name.startswith("cpu")
-    return capacity_tokens(cm, model, policy, "fp32" if cpu else "bf16", "reference" if cpu else "flash")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--alpha={alpha} must be in [0, 1]")
+    return capacity_tokens(cm, model, policy, "fp32" if cpu else "bf16", "reference" if cpu else "flash", alpha=alpha)
 
 
 def format_policies(out: dict) -> str:
@@ -221,8 +224,11 @@ def add_plan_commands(sub) -> None:
     p.add_argument("--profile", required=True, help="hardware profile name (cluster/profiles) or YAML path")
     p.add_argument("--model", default="gpt-7b", help=f"model preset ({', '.join(MODEL_PRESETS)}) or a config YAML path")
     p.add_argument("--memory", default="",
-                   help="memory policy (none, full, selective, offload) whose estimated peak sets K, the tokens per rank; "
+                   help="memory policy (none, full, selective, offload, memo) whose estimated peak sets K, the tokens per rank; "
                         "comma-separated to compare policies side by side (default: the profile's activation bytes per token)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="memo: share of each rank's tokens whose token-local tensors are kept (default 0.5, ByteScale's "
+                        "offload ratio; training solves MEMO's LP instead)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--batch-size", type=int, default=0, help="sequences per step (default 512; --lengths: the whole file)")
     p.add_argument("--steps", type=int, default=1, help="steps (batches) to plan; static best picks one degree for all")

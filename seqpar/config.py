@@ -261,22 +261,33 @@ class ClusterConfig:
     profile: str = "auto"  # hardware profile for MFU: auto (detect), a name in cluster/profiles, or a YAML path
 
 
-#: Values of ``memory.policy`` (memo, with token-wise recomputation, comes next).
-MEMORY_POLICIES: tuple[str, ...] = ("none", "full", "selective", "offload")
+#: Values of ``memory.policy``.
+MEMORY_POLICIES: tuple[str, ...] = ("none", "full", "selective", "offload", "memo")
 
 
 @dataclass
 class MemoryConfig:
     #: Activation memory policy (``seqpar.memory.checkpoint``): none | full (whole-block recompute) |
     #: selective (save attention's inputs and output, recompute only the token-local ops) | offload
-    #: (saved tensors to host memory, all blocks but the last ``keep_last``).
+    #: (saved tensors to host memory, all blocks but the last ``keep_last``) | memo (offload, with the
+    #: token-local ops of the last 1 - ``alpha`` of each rank's tokens recomputed; attention never).
     policy: str = "none"
     loss_chunk_tokens: int = 4096  # the LM head and loss run over chunks of this many tokens (0: one chunk)
-    keep_last: int = 2  # offload: the last blocks keep their saved tensors (their backward starts at once)
+    keep_last: int = 2  # offload, memo: the last blocks keep their saved tensors (their backward starts at once)
+    #: memo: share of each rank's tokens whose token-local tensors are kept (offloaded), 0..1, or auto
+    #: (MEMO's LP at start-up: the largest alpha whose offload hides under a block's forward at the
+    #: measured host bandwidth and fits ``host_budget_gib``).
+    alpha: float | str = "auto"
+    host_budget_gib: float = 0.0  # memo auto: host memory per rank for offloaded activations (0: available / local ranks)
+    depth: int = 1  # offload, memo: blocks of copies in flight (a block's offload completes before block + depth starts)
 
     def __post_init__(self) -> None:
         _choice("memory.policy", self.policy, MEMORY_POLICIES)
         _check(self.keep_last >= 0, f"memory.keep_last={self.keep_last} must be >= 0")
+        _check(self.alpha == "auto" or (not isinstance(self.alpha, str) and 0.0 <= self.alpha <= 1.0),
+               f"memory.alpha={self.alpha!r} must be auto or a number in [0, 1]")
+        _check(self.host_budget_gib >= 0, f"memory.host_budget_gib={self.host_budget_gib} must be >= 0 (0: available memory)")
+        _check(self.depth >= 1, f"memory.depth={self.depth} must be >= 1")
         _check(self.loss_chunk_tokens >= 0, f"memory.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: one chunk)")
 
 

@@ -17,7 +17,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tools", "device_check.sh")
 REPORT = os.path.join(REPO, "tools", "device_check_report.py")
-PARTS = ["install", "kernels", "sync", "bench", "train", "memory"]
+PARTS = ["install", "kernels", "sync", "bench", "train", "memory", "offload"]
 FILES = {"summary.md", "summary.json", "kernels.log", "sync_check.log", "bench.log", "train.log",
          "train_metrics.jsonl", "extras.tar.gz"}
 
@@ -65,13 +65,16 @@ def test_dry_run_passes_and_writes_every_file(tmp_path):
     with tarfile.open(out / "extras.tar.gz") as tar:
         members = {os.path.basename(m) for m in tar.getnames()}
     assert {"kernels_junit.xml", "sync_check.json", "kernel_bench.csv", "install.log", "train_config.yaml",
-            "memory_bench.json", "memory.log"} <= members
+            "memory_bench.json", "memory.log", "offload_bench.json", "offload.log"} <= members
     numbers = {p["part"]: p["numbers"] for p in summary["parts"]}
     assert numbers["sync"]["host_syncs"] == 0
     assert numbers["kernels"]["passed"] > 0 and numbers["kernels"]["failed"] == 0
     assert set(numbers["bench"]) == {"16", "32"}
-    assert set(numbers["memory"]) == {f"{t}-{p}" for t in (512, 1024) for p in ("none", "full", "selective")}
+    assert set(numbers["memory"]) == {f"{t}-{p}" for t in (512, 1024)
+                                      for p in ("none", "full", "selective", "offload", "memo")}
     assert all(abs(n["error"]) <= 0.10 for n in numbers["memory"].values()), numbers["memory"]
+    assert set(numbers["offload"]) == {"256-selective", "256-offload", "256-memo"}
+    assert numbers["offload"]["256-offload"]["grad_error"] == 0.0 and numbers["offload"]["256-memo"]["offloaded_gib"] > 0
     steps = [json.loads(line) for line in (out / "train_metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3] == list(range(1, numbers["train"]["steps"] + 1))
 

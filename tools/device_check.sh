@@ -5,6 +5,7 @@
 #   bench    seqpar bench kernels at 4K/16K/64K: TFLOP/s against SDPA flash, packed vs one document
 #   train    configs/gpu-smoke.yaml: a ~180M Llama on 32K-token streams, one GPU: tok/s, MFU, peak memory
 #   memory   seqpar bench memory: the memory estimator vs torch.cuda.max_memory_allocated, per policy
+#   offload  seqpar bench offload: offload and memo (CUDA engine) step time vs selective at 32K/64K/128K
 # and print a summary (part, status, seconds, key numbers), also written to DIR/summary.md and .json.
 #
 #   bash tools/fetch_device_wheels.sh                 # first, where pip has network: megatron-core, highspy -> .whl/
@@ -18,7 +19,7 @@
 set -euo pipefail
 
 PROG=device_check
-ALL_PARTS=kernels,sync,bench,train,memory
+ALL_PARTS=kernels,sync,bench,train,memory,offload
 USAGE="bash tools/device_check.sh [--out DIR] [--dry] [--quick] [--python PY] [--parts $ALL_PARTS]"
 
 usage() {
@@ -82,9 +83,9 @@ fi
 # Per part: GPU timeouts sum to under 10 minutes (a device call may run 10); a full run should take 4-5.
 declare -A LIMIT
 if [[ $MODE == gpu ]]; then
-    LIMIT=([install]=90 [kernels]=150 [sync]=60 [bench]=100 [train]=100 [memory]=90)
+    LIMIT=([install]=80 [kernels]=130 [sync]=50 [bench]=80 [train]=80 [memory]=60 [offload]=110)
 else
-    LIMIT=([install]=600 [kernels]=600 [sync]=600 [bench]=600 [train]=600 [memory]=600)  # hang guards only: CI machines can be slow
+    LIMIT=([install]=600 [kernels]=600 [sync]=600 [bench]=600 [train]=600 [memory]=600 [offload]=600)  # hang guards only: CI machines can be slow
 fi
 
 RC=0 SECONDS_TAKEN=0
@@ -231,10 +232,10 @@ fi
 # The parts, in order; each one's sizes per mode.
 
 if [[ ",$PARTS," == *,kernels,* ]]; then
-    tests=(tests/kernels)
-    [[ $QUICK == 1 ]] && tests=(tests/kernels/test_triton_gpu.py tests/kernels/test_ranges.py)
-    if [[ $MODE == dry ]]; then  # the CPU-runnable core, interpreted; test_triton_gpu.py is collected and skips
-        tests=(tests/kernels/test_ranges.py tests/kernels/test_triton_gpu.py
+    tests=(tests/kernels tests/memory/test_cuda_engine.py)
+    [[ $QUICK == 1 ]] && tests=(tests/kernels/test_triton_gpu.py tests/kernels/test_ranges.py tests/memory/test_cuda_engine.py)
+    if [[ $MODE == dry ]]; then  # the CPU-runnable core, interpreted; the CUDA-only files are collected and skip
+        tests=(tests/kernels/test_ranges.py tests/kernels/test_triton_gpu.py tests/memory/test_cuda_engine.py
                "tests/kernels/test_triton.py::test_block_matches_oracle[packed causal GQA]"
                tests/kernels/test_triton.py::test_autograd_wrappers_with_triton tests/kernels/test_triton.py::test_empty_sides)
     fi
@@ -287,10 +288,17 @@ if [[ ",$PARTS," == *,train,* ]]; then
 fi
 
 if [[ ",$PARTS," == *,memory,* ]]; then  # its log goes into extras.tar.gz: DIR holds at most 8 files
-    sizes=(--model 2048,8,16,4 --vocab 32000 --tokens 8192,32768 --chunk 4096 --policies none,full,selective,offload)
+    sizes=(--model 2048,8,16,4 --vocab 32000 --tokens 8192,32768 --chunk 4096 --policies none,full,selective,offload,memo)
     [[ $MODE == dry ]] && sizes=(--model 128,4,4,2 --vocab 512 --tokens 512,1024 --chunk 256)  # activations above the 1 MB score blocks
     run_part memory "$WORK/memory.log" "$PY" -m seqpar.launcher bench memory "${sizes[@]}" --json "$WORK/memory_bench.json"
     record memory
+fi
+
+if [[ ",$PARTS," == *,offload,* ]]; then  # its log goes into extras.tar.gz too
+    sizes=(--model 1024,8,8,2 --vocab 32000 --tokens 32768,65536,131072 --steps 2)
+    [[ $MODE == dry ]] && sizes=(--model 64,4,4,2 --vocab 512 --tokens 256 --steps 1)
+    run_part offload "$WORK/offload.log" "$PY" -m seqpar.launcher bench offload "${sizes[@]}" --json "$WORK/offload_bench.json"
+    record offload
 fi
 
 finish "did not run"

@@ -1,6 +1,6 @@
 """Checks each part's outputs for tools/device_check.sh and keeps the summary (summary.md, summary.json).
 
-    python tools/device_check_report.py init   --dir DIR --mode gpu|dry --parts install,kernels,sync,bench,train,memory
+    python tools/device_check_report.py init   --dir DIR --mode gpu|dry --parts install,kernels,sync,bench,train,memory,offload
     python tools/device_check_report.py record --dir DIR --mode gpu|dry --part NAME --rc RC --seconds S [...]
     python tools/device_check_report.py final  --dir DIR        # prints the table; exit 1 unless every part passed
 
@@ -26,9 +26,13 @@ from typing import Any
 WORK = "work"  # DIR/work: raw outputs, packed into DIR/extras.tar.gz at the end
 PASSED, FAILED, TIMEOUT, PENDING = "passed", "FAILED", "TIMEOUT", "not run"
 LOGS = {"install": "install.log in extras.tar.gz", "kernels": "kernels.log", "sync": "sync_check.log",
-        "bench": "bench.log", "train": "train.log", "memory": "memory.log in extras.tar.gz"}
+        "bench": "bench.log", "train": "train.log", "memory": "memory.log in extras.tar.gz",
+        "offload": "offload.log in extras.tar.gz"}
 #: The memory estimator's error budget against a measured peak (tests/memory/test_estimate.py's, on CPU).
 MEMORY_TOLERANCE = 0.10
+#: offload / memo gradients against selective's, relative to the largest: bf16 autocast, and memo's
+#: token-local matmuls split in two row blocks (other GEMM tilings, other roundings).
+OFFLOAD_GRAD_TOLERANCE = 5e-2
 
 
 def _load(dir_: str) -> dict[str, Any]:
@@ -215,8 +219,28 @@ def check_memory(dir_: str, mode: str, args: argparse.Namespace) -> tuple[dict, 
     return numbers, key, problems
 
 
+def check_offload(dir_: str, mode: str, args: argparse.Namespace) -> tuple[dict, str, list[str]]:
+    r = _work_json(dir_, "offload_bench.json")
+    if r is None:
+        return {}, "", ["no offload_bench.json: the benchmark did not finish (see offload.log in extras.tar.gz)"]
+    base = {row["tokens"]: row["step_s"] for row in r["rows"] if row["policy"] == "selective"}
+    numbers = {f"{row['tokens']}-{row['policy']}": {"step_s": row["step_s"], "vs_selective": row["step_s"] / base[row["tokens"]],
+                                                    "peak_gib": row["peak_bytes"] / 2**30,
+                                                    "offloaded_gib": row["offloaded_bytes"] / 2**30,
+                                                    "grad_error": row["grad_error"]}
+               for row in r["rows"]}
+    problems = [f"T={row['tokens']} {row['policy']}: gradients {row['grad_error']:.1e} off selective's"
+                for row in r["rows"] if not row["grad_error"] <= OFFLOAD_GRAD_TOLERANCE]
+    problems += [f"T={row['tokens']} {row['policy']}: nothing offloaded" for row in r["rows"]
+                 if row["policy"] in ("offload", "memo") and row["offloaded_bytes"] <= 0]
+    key = "step time vs selective: " + "; ".join(
+        f"T={row['tokens']} {row['policy']} x{row['step_s'] / base[row['tokens']]:.2f}" for row in r["rows"]
+        if row["policy"] != "selective")
+    return numbers, key, problems
+
+
 CHECKS = {"install": check_install, "kernels": check_kernels, "sync": check_sync, "bench": check_bench, "train": check_train,
-          "memory": check_memory}
+          "memory": check_memory, "offload": check_offload}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,15 +6,14 @@
 One process, one micro-batch of three packed documents, the second training step (AdamW state and
 zeroed gradients exist, as in training). CUDA runs the Triton kernel under bf16 autocast; CPU runs
 fp32 with the reference kernel and 1 MB score blocks, so activations, not the kernel's workspace,
-set the peak. ``offload`` (host engine) is measured on CUDA only: under a CPU allocation tracker
-(a TorchDispatchMode: MemTracker, or a storage-counting mode) its offloaded storages still count as
-live, although without the mode their bytes are freed, a discrepancy not yet explained; its device
-bytes are checked in tests/memory/test_offload.py from the engine's accounting and saved-tensor
-hooks instead. Prints measured, estimated and the error for every (tokens, policy).
+set the peak. ``offload`` and ``memo`` move saved tensors through the host engine (CPU; its pool is
+numpy memory, which MemTracker does not count) or the CUDA engine (pinned slabs, not device memory).
+Prints measured, estimated and the error for every (tokens, policy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,17 +40,21 @@ class MemoryRow:
         return self.estimated / self.measured - 1
 
 
-def microbatch(tokens: int, vocab: int, device: torch.device):
-    """One stream of three packed documents (half, a quarter, the rest) of seeded random tokens."""
+def microbatch(tokens: int, vocab: int, device: torch.device, single: bool = False):
+    """One stream of three packed documents (half, a quarter, the rest) of seeded random tokens, or
+    (``single``) one document."""
     from seqpar.train.batch import make_microbatch
 
-    docs = [tokens // 2, tokens // 4, tokens - tokens // 2 - tokens // 4]
+    docs = [tokens] if single else [tokens // 2, tokens // 4, tokens - tokens // 2 - tokens // 4]
     ids = np.random.default_rng(0).integers(0, vocab, tokens)
     return make_microbatch(ids, np.concatenate([[0], np.cumsum(docs)]).astype(np.int32), device)
 
 
-def measured_peak(cfg: ModelConfig, policy: str, tokens: int, chunk: int, device: torch.device) -> int:
-    """Peak bytes of the forward and backward of a second training step (see the module doc)."""
+def measured_peak(cfg: ModelConfig, policy: str, tokens: int, chunk: int, device: torch.device, alpha: float = 1.0,
+                  assignment=None) -> int:
+    """Peak bytes of the forward and backward of a second training step (see the module doc). With
+    ``assignment`` (an SPAssignment: collective over its group) the micro-batch is one document of
+    ``tokens`` sharded over the group, and the peak is this rank's."""
     from seqpar.attention import build_attention
     from seqpar.memory.checkpoint import apply_memory_policy
     from seqpar.memory.transfer import HostEngine
@@ -62,8 +65,15 @@ def measured_peak(cfg: ModelConfig, policy: str, tokens: int, chunk: int, device
     with device:
         model = Transformer(cfg, build_attention("triton" if cuda else "reference", device))
     model.loss_chunk_tokens = chunk
-    engine = HostEngine(depth=1)
-    apply_memory_policy(model.layers, policy, engine=engine, keep_last=KEEP_LAST)
+    if cuda and policy in ("offload", "memo"):
+        from seqpar.memory.cuda_engine import CudaEngine
+        from seqpar.train.memory_setup import slab_bytes
+
+        lay = dataclasses.replace(layout_for(device, chunk), alpha=alpha)
+        engine = CudaEngine(device, cfg.n_layers - KEEP_LAST, slab_bytes(cfg, policy, lay, tokens))
+    else:
+        engine = HostEngine(depth=1)
+    apply_memory_policy(model.layers, policy, engine=engine, keep_last=KEEP_LAST, alpha=alpha)
     opt = torch.optim.AdamW(model.parameters())
 
     def step(mb) -> None:
@@ -71,10 +81,17 @@ def measured_peak(cfg: ModelConfig, policy: str, tokens: int, chunk: int, device
             loss = model(mb.tokens, mb.ctx, labels=mb.labels)
         loss.backward()
 
-    step(microbatch(64, cfg.vocab_size, device))
+    def batch(t: int):
+        if assignment is None:
+            return microbatch(t, cfg.vocab_size, device)
+        from seqpar.train.batch import shard_microbatch
+
+        return shard_microbatch(microbatch(t, cfg.vocab_size, device, single=True), assignment)
+
+    step(batch(64))
     opt.step()
     opt.zero_grad(set_to_none=False)
-    mb = microbatch(tokens, cfg.vocab_size, device)
+    mb = batch(tokens)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -105,15 +122,13 @@ def layout_for(device: torch.device, chunk: int) -> MemoryLayout:
 
 
 def run_memory_bench(cfg: ModelConfig, tokens: list[int], policies: list[str], device: torch.device,
-                     chunk: int = 256) -> list[MemoryRow]:
+                     chunk: int = 256, alpha: float = 0.5) -> list[MemoryRow]:
+    """Measured and estimated peaks for every (tokens, policy); memo runs with ``alpha``."""
     for p in policies:
         if p not in MEMORY_POLICIES:
             raise ValueError(f"--policies: {p!r} is not one of {', '.join(MEMORY_POLICIES)}")
-        if p == "offload" and device.type != "cuda":
-            raise ValueError("--policies offload is measured on CUDA only (CPU allocation trackers count its freed "
-                             "storages as live); drop it here")
-    lay = layout_for(device, chunk)
-    return [MemoryRow(t, p, measured_peak(cfg, p, t, chunk, device), estimate_memory(cfg, p, t, lay).peak_bytes)
+    lay = dataclasses.replace(layout_for(device, chunk), alpha=alpha)
+    return [MemoryRow(t, p, measured_peak(cfg, p, t, chunk, device, alpha), estimate_memory(cfg, p, t, lay).peak_bytes)
             for t in tokens for p in policies]
 
 

@@ -12,6 +12,9 @@
   only the token-local ops: attention's forward and its collectives never run twice.
 - ``offload``: every tensor a block saves leaves the device through a transfer engine, except in the
   last ``keep_last`` blocks (``seqpar.memory.offload``); nothing is recomputed.
+- ``memo``: offload plus token-wise recomputation (``seqpar.memory.memo``): attention runs once and
+  its tensors and the block input are offloaded; the token-local ops keep (offloaded) their saved
+  tensors for the first ``alpha`` of the tokens and recompute the rest in backward.
 
 Each block's ``forward`` is replaced on the instance, so parameter names, state dicts and the layer
 code are unchanged (a wrapper module would rename every parameter, and with it checkpoints and the
@@ -69,28 +72,34 @@ class SelectiveForward:
 
 
 def memory_policy_of(block: nn.Module) -> str:
-    """The policy applied to ``block``: none | full | selective."""
+    """The policy applied to ``block``: none | full | selective | offload | memo."""
     return getattr(block.__dict__.get("forward"), "policy", "none")
 
 
 def apply_memory_policy(blocks: Iterable[nn.Module], policy: str, engine: TransferEngine | None = None,
-                        keep_last: int = 2) -> None:
-    """Apply ``policy`` (none | full | selective | offload) to every block; idempotent for the same
-    policy, an error for a block that already has another (apply one policy, once, before FSDP).
-    ``offload`` moves saved tensors through ``engine`` (default: a ``HostEngine``) for all blocks but
-    the last ``keep_last`` (``seqpar.memory.offload``)."""
+                        keep_last: int = 2, alpha: float = 1.0) -> None:
+    """Apply ``policy`` (none | full | selective | offload | memo) to every block; idempotent for the
+    same policy, an error for a block that already has another (apply one policy, once, before FSDP).
+    ``offload`` and ``memo`` move saved tensors through ``engine`` (default: a ``HostEngine``) for all
+    blocks but the last ``keep_last``; ``memo`` recomputes the token-local ops of the last
+    (1 - ``alpha``) of each rank's tokens (``seqpar.memory.memo``)."""
     if policy not in MEMORY_POLICIES:
         raise ValueError(f"memory.policy={policy!r}: choose one of {', '.join(MEMORY_POLICIES)}")
     blocks = list(blocks)
-    if policy == "offload":
+    if policy in ("offload", "memo"):
         current = {memory_policy_of(b) for b in blocks} - {"none"}
-        if current and current != {"offload"}:
-            raise ValueError(f"block already has memory policy {sorted(current)[0]!r}; cannot apply 'offload' on top of it")
+        if current and current != {policy}:
+            raise ValueError(f"block already has memory policy {sorted(current)[0]!r}; cannot apply {policy!r} on top of it")
         if not current:
+            from seqpar.memory.memo import apply_memo
             from seqpar.memory.offload import OffloadSession, apply_offload
             from seqpar.memory.transfer import HostEngine
 
-            apply_offload(blocks, OffloadSession(engine or HostEngine()), keep_last)
+            session = OffloadSession(engine or HostEngine())
+            if policy == "offload":
+                apply_offload(blocks, session, keep_last)
+            else:
+                apply_memo(blocks, session, keep_last, alpha)
         return
     for block in blocks:
         current = memory_policy_of(block)

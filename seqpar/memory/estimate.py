@@ -19,7 +19,9 @@ saved-tensor hooks and MemTracker in tests/memory/test_estimate.py), per local t
 Policies: ``none`` keeps all of it; ``full`` keeps each block's input and recomputes one whole
 block at a time in backward; ``selective`` keeps the block input and attention's tensors and
 recomputes the token-local stages one at a time (the MLP stage is the larger); ``offload`` moves
-all of it to host memory except in the last ``keep_last`` blocks, with ``depth`` blocks in flight.
+all of it to host memory except in the last ``keep_last`` blocks, with ``depth`` blocks in flight;
+``memo`` offloads the block input, attention's tensors and the token-local tensors of the first
+``alpha`` of the tokens, and recomputes the token-local stages of the rest (one stage at a time).
 The peak is reached either at the end of the forward (every layer's saved tensors, the head's,
 and one chunk of logits) or early in the backward (every layer's saved tensors, one layer's
 recomputed tensors and the backward's gradient workspace).
@@ -28,6 +30,7 @@ recomputed tensors and the backward's gradient workspace).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from seqpar.config import MEMORY_POLICIES, ModelConfig
 
@@ -60,8 +63,9 @@ class MemoryLayout:
     attention: str = "flash"
     score_block_bytes: int = 64 << 20
     loss_chunk_tokens: int = 4096
-    keep_last: int = 2  # offload: blocks at the end that keep their saved tensors
-    depth: int = 1  # offload: the transfer engine's layers of copies in flight
+    keep_last: int = 2  # offload, memo: blocks at the end that keep their saved tensors
+    depth: int = 1  # offload, memo: the transfer engine's layers of copies in flight
+    alpha: float = 1.0  # memo: share of the tokens whose token-local tensors are kept (offloaded)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -72,6 +76,8 @@ class MemoryLayout:
             raise ValueError(f"attention={self.attention!r}: choose flash or reference")
         if min(self.ulysses, self.ring, self.state_shards) < 1:
             raise ValueError("ulysses, ring and state_shards must be >= 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
 
     @property
     def all_to_all(self) -> int:
@@ -113,25 +119,55 @@ def _widths(m: ModelConfig, lay: MemoryLayout) -> tuple[int, int, int]:
     return m.n_heads * m.head_dim, kv, m.n_heads
 
 
+class _Terms(NamedTuple):
+    """Per-token bytes of one block's saved tensors, by op (see the module doc)."""
+
+    norm: int  # one RMSNorm
+    casts: int  # autocast's copies of the norms' outputs
+    attn: int  # attention's q, k, v, output(s) and lse
+    mlp: int  # SwiGLU's four f-wide tensors
+    block_input: int
+
+    @property
+    def none(self) -> int:
+        return 2 * self.norm + self.casts + self.attn + self.mlp
+
+
+def _terms(m: ModelConfig, lay: MemoryLayout) -> _Terms:
+    h, e = m.dim, lay.elem
+    hq, hkv, heads = _widths(m, lay)
+    outs = 2 if lay.all_to_all > 1 else 1  # head layout (attention) + token layout (wo)
+    # Under autocast wq, wk, wv and w1, w3 each cast their (shared) input: three extra copies.
+    return _Terms(norm=8 * h + 4 + e * h, casts=3 * e * h if lay.precision == "autocast" else 0,
+                  attn=e * (hq + 2 * hkv) + outs * e * hq + 4 * heads, mlp=4 * e * m.ffn_dim,
+                  block_input=lay.residual_elem * h)
+
+
+def memo_split(m: ModelConfig, lay: MemoryLayout) -> tuple[float, float]:
+    """MEMO's per-token, per-block sizes (S_input + S_attn, S_other): what memo always offloads (the
+    block input and attention's tensors) and what the token-local ops keep per kept token. Under
+    fp32 and autocast the first norm's saved input is the block input itself (counted once)."""
+    t = _terms(m, lay)
+    in_norm = t.block_input if lay.precision != "bf16" else 0
+    return float(t.block_input + t.attn), float(t.none - t.attn - in_norm)
+
+
 def layer_bytes(m: ModelConfig, policy: str, lay: MemoryLayout) -> LayerBytes:
     """Per-token bytes of one block under ``policy`` (see the module doc for each term)."""
     if policy not in MEMORY_POLICIES:
         raise ValueError(f"memory.policy={policy!r}: choose one of {', '.join(MEMORY_POLICIES)}")
-    h, f, e = m.dim, m.ffn_dim, lay.elem
+    t = _terms(m, lay)
+    mlp_stage = t.norm + t.mlp + t.casts // 3  # the larger recomputed stage
+    fixed, other = memo_split(m, lay)
+    a = lay.alpha
+    memo = t.none if a >= 1.0 else fixed + a * other
+    saved = {"none": t.none, "full": t.block_input, "selective": t.block_input + t.attn, "offload": t.none,
+             "memo": memo}[policy]
+    recompute = {"none": 0.0, "full": t.none, "selective": mlp_stage, "offload": 0.0,
+                 "memo": max(0.0, 1.0 - 2.0 * a) * mlp_stage}[policy]  # memo frees the kept share first
+    workspace = 2.0 * lay.elem * m.ffn_dim  # two f-wide gradients alive in the MLP's backward
     hq, hkv, heads = _widths(m, lay)
-    # Under autocast wq, wk, wv and w1, w3 each cast their (shared) input: three extra copies.
-    casts = 3 * e * h if lay.precision == "autocast" else 0
-    norm = 8 * h + 4 + e * h
-    outs = 2 if lay.all_to_all > 1 else 1  # head layout (attention) + token layout (wo)
-    attn = e * (hq + 2 * hkv) + outs * e * hq + 4 * heads
-    mlp = norm + 4 * e * f + casts // 3
-    none = 2 * norm + casts + attn + 4 * e * f
-    block_input = lay.residual_elem * h
-    saved = {"none": none, "full": block_input, "selective": block_input + attn, "offload": none}[policy]
-    recompute = {"none": 0.0, "full": none, "selective": mlp, "offload": 0.0}[policy]
-    workspace = 2.0 * e * f  # two f-wide gradients alive in the MLP's backward
-    attention = _attention_transient(m, lay, hq, hkv, heads)
-    return LayerBytes(float(saved), float(recompute), workspace, attention)
+    return LayerBytes(float(saved), float(recompute), workspace, _attention_transient(m, lay, hq, hkv, heads))
 
 
 def _attention_transient(m: ModelConfig, lay: MemoryLayout, hq: int, hkv: int, heads: int) -> float:
@@ -220,15 +256,30 @@ def estimate_memory(m: ModelConfig, policy: str, tokens: int, lay: MemoryLayout)
     # fp32 gradient and its compute-dtype copy are no more), the fp32 head-weight gradient and dh.
     loss = chunk * v * (8 + (0 if e == 4 else e)) + 4.0 * v * h + e * h * t
     score = 2.0 * lay.score_block_bytes if lay.attention == "reference" else 0.0  # scores and their gradient
-    # Offload keeps the last keep_last blocks, plus ``depth`` blocks of copies in flight at the end of
-    # the forward (or one block prefetched at the start of the backward).
-    offloaded = max(0, m.n_layers - lay.keep_last) if policy == "offload" else 0
-    on_device = m.n_layers - offloaded + min(offloaded, lay.depth)
+    offloaded = max(0, m.n_layers - lay.keep_last) if policy in ("offload", "memo") else 0
     return MemoryEstimate(policy=policy, tokens=int(tokens), params=params, grads=grads, optimizer=optim,
-                          compute_copies=copies, activations=on_device * lb.saved * t, host=offloaded * lb.saved * t,
+                          compute_copies=copies, activations=resident_blocks(m.n_layers, offloaded, lay.depth) * lb.saved * t,
+                          host=offloaded * lb.saved * t,
                           head_and_loss=head + loss,
                           recompute=lb.recompute * t, workspace=lb.workspace * t,
                           attention_workspace=lb.attention * t + score)
+
+
+def resident_blocks(layers: int, offloaded: int, depth: int) -> int:
+    """Blocks whose saved tensors are on the device at once when the first ``offloaded`` of ``layers``
+    blocks offload with ``depth`` blocks of copies in flight (a block's offload completes when the
+    block ``depth`` later starts its forward; its reload starts when the block above starts its
+    backward). End of the forward: the kept blocks, plus the offloaded ones whose copies have not
+    completed (the last ``depth - keep_last``). In the backward: the kept blocks, or the block running
+    backward and the one being prefetched below it."""
+    if offloaded <= 0:
+        return layers
+    kept = layers - offloaded
+    forward_end = kept + min(offloaded, max(0, depth - kept))
+    backward = max(kept, min(2, layers))
+    return max(forward_end, backward)
+
+
 
 
 def max_tokens(m: ModelConfig, policy: str, lay: MemoryLayout, device_bytes: float, limit: int = 1 << 34) -> int:

@@ -19,8 +19,9 @@ memory need CUDA: "device" bytes move into a separately accounted host pool; eac
 until its wait, and every buffer starts filled with 0xFF bytes (NaN in every float dtype), so a
 missing wait gives NaN gradients deterministically instead of a race that passes by luck.
 On a GPU the host engine is correct but synchronous (pageable copies on the compute stream, no
-overlap). The CUDA engine (pinned slabs sized from K, D2H/H2D streams, one event per tensor)
-plugs into the same interface; it is not built yet.
+overlap). The CUDA engine (``seqpar.memory.cuda_engine``: pinned slabs sized from K, D2H and H2D
+streams, one event per tensor) shares the schedule (``ScheduledEngine``) and moves the bytes
+asynchronously.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ class Handle:
     uses: int = 1  # saved tensors over this storage not yet unpacked
     state: str = "pending"
     source: torch.Tensor | None = None  # the device bytes, held until the offload completes
-    host: torch.Tensor | None = None
+    host: torch.Tensor | np.ndarray | None = None  # the host copy (HostEngine: a numpy array, outside torch)
     device: torch.Tensor | None = None  # the reload buffer, held until it is fetched
     fetched: weakref.ref | None = None
     home: torch.device = torch.device("cpu")  # where the bytes came from and are reloaded to
+    event: torch.cuda.Event | None = None  # CUDA engine: the copy in flight (offload, then reload)
 
 
 class TransferEngine(Protocol):
@@ -94,22 +96,23 @@ class EngineStats:
         self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[:] = src for flat uint8 tensors; between CPU tensors through numpy, outside torch's
-    dispatcher, so allocation trackers never see the pool's buffers as an op's output."""
-    if dst.device.type == "cpu" and src.device.type == "cpu":
-        np.copyto(dst.numpy(), src.numpy())
+def _copy(dst: torch.Tensor | np.ndarray, src: torch.Tensor | np.ndarray) -> None:
+    """dst[:] = src for flat uint8 buffers (tensors or the host pool's numpy arrays); on CPU through
+    numpy, outside torch's dispatcher, so allocation trackers never see the pool as a tensor."""
+    cpu = lambda x: isinstance(x, np.ndarray) or x.device.type == "cpu"  # noqa: E731
+    if cpu(dst) and cpu(src):
+        np.copyto(dst if isinstance(dst, np.ndarray) else dst.numpy(), src if isinstance(src, np.ndarray) else src.numpy())
+    elif isinstance(src, np.ndarray):
+        dst.copy_(torch.from_numpy(src))
     else:
         dst.copy_(src)
 
 
-class HostEngine:
-    """The CPU transfer engine: a host pool with deferred, poisoned copies (see the module doc).
-
-    data passed to ``offload`` is a flat uint8 tensor over a whole storage; the engine keeps a
-    reference to it until the offload completes, so the bytes cannot be freed or reused while the
-    copy is in flight (torchtune once deleted a tensor whose copy was still running).
-    """
+class ScheduledEngine:
+    """The schedule every engine shares (see the module doc): handles per layer, offloads completed
+    ``depth`` layers later, reloads prefetched one layer ahead in backward, a reload always after its
+    offload. Subclasses move the bytes: ``_start_offload``, ``_wait_offload``, ``_start_reload``'s
+    ``_copy_back``, ``_wait_reload`` and ``_free_host``."""
 
     def __init__(self, depth: int = 1) -> None:
         if depth < 1:
@@ -120,10 +123,11 @@ class HostEngine:
 
     # -- forward ---------------------------------------------------------------------------
     def offload(self, layer: int, data: torch.Tensor) -> Handle:
+        """Start moving ``data`` (flat uint8 over a whole storage) off the device. The engine keeps a
+        reference to it until the offload completes, so the bytes cannot be freed or reused while the
+        copy is in flight (torchtune once deleted a tensor whose copy was still running)."""
         h = Handle(layer, data.numel(), source=data, home=data.device)
-        # numpy-owned: the pool is outside torch's allocator, so allocation trackers (MemTracker, the
-        # CUDA caching allocator's statistics) see only what stays on the "device".
-        h.host = torch.from_numpy(np.full(h.nbytes, _POISON, dtype=np.uint8))
+        self._start_offload(h)
         self._by_layer.setdefault(layer, []).append(h)
         self.stats.add(device=h.nbytes, host=h.nbytes)
         self.stats.offloaded_bytes += h.nbytes
@@ -143,12 +147,11 @@ class HostEngine:
             if i <= layer - self.depth:
                 for h in handles:
                     if h.state == "pending":
-                        self._wait_offload(h)
+                        self._complete_offload(h)
 
-    def _wait_offload(self, h: Handle) -> None:
-        """The D2H copy's event: the bytes are on the host, the device copy can go."""
-        _copy(h.host, h.source)
-        h.source = None
+    def _complete_offload(self, h: Handle) -> None:
+        self._wait_offload(h)
+        h.source = None  # the device bytes can go (the wait ordered their reuse after the copy)
         h.state = "host"
         self.stats.add(device=-h.nbytes)
 
@@ -161,15 +164,10 @@ class HostEngine:
 
     def _start_reload(self, h: Handle) -> None:
         if h.state == "pending":  # a reload waits for its own offload first
-            self._wait_offload(h)
-        h.device = torch.full((h.nbytes,), _POISON, dtype=torch.uint8, device=h.home)
+            self._complete_offload(h)
+        h.device = self._copy_back(h)
         h.state = "reloading"
         self.stats.add(device=h.nbytes)
-
-    def _wait_reload(self, h: Handle) -> None:
-        """The H2D copy's event."""
-        _copy(h.device, h.host)
-        h.state = "device"
 
     def fetch(self, h: Handle) -> torch.Tensor:
         """The offloaded bytes on the device (uint8 [nbytes]), for autograd's unpack. A storage saved by
@@ -182,6 +180,7 @@ class HostEngine:
             self.stats.late_reloads += 1
             self._start_reload(h)
         self._wait_reload(h)
+        h.state = "device"
         h.fetched = weakref.ref(h.device)
         weakref.finalize(h.device, self.stats.add, -h.nbytes)  # device bytes go when the last user drops them
         return h.device
@@ -194,9 +193,51 @@ class HostEngine:
         """Free the host copies; forget every handle (a forward whose backward never ran leaks none)."""
         for handles in self._by_layer.values():
             for h in handles:
-                if h.state == "pending" or h.state == "reloading":
+                if h.state == "pending":
+                    self._wait_offload(h)  # the copy may still read the source: order its reuse after it
+                elif h.state == "reloading":
+                    self._wait_reload(h)  # prefetched, never unpacked: the copy may still write the buffer
+                if h.state in ("pending", "reloading"):
                     self.stats.add(device=-h.nbytes)
                 self.stats.add(host=-h.nbytes)
                 h.source = h.host = h.device = None
                 h.state = "released"
         self._by_layer.clear()
+        self._free_host()
+
+    # -- the copies (per engine) -------------------------------------------------------------
+    def _start_offload(self, h: Handle) -> None:
+        raise NotImplementedError
+
+    def _wait_offload(self, h: Handle) -> None:
+        raise NotImplementedError
+
+    def _copy_back(self, h: Handle) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _wait_reload(self, h: Handle) -> None:
+        raise NotImplementedError
+
+    def _free_host(self) -> None:
+        """After a step: the host buffers may be reused or freed."""
+
+
+class HostEngine(ScheduledEngine):
+    """The CPU transfer engine: a host pool with deferred, poisoned copies (see the module doc)."""
+
+    def _start_offload(self, h: Handle) -> None:
+        # A numpy array, never a torch tensor: on CPU the pool shares the "device" with the model, and
+        # allocation trackers (MemTracker counts even torch.from_numpy tensors) must see only what
+        # stays on it.
+        h.host = np.full(h.nbytes, _POISON, dtype=np.uint8)
+
+    def _wait_offload(self, h: Handle) -> None:
+        """The D2H copy's event: the bytes are on the host."""
+        _copy(h.host, h.source)
+
+    def _copy_back(self, h: Handle) -> torch.Tensor:
+        return torch.full((h.nbytes,), _POISON, dtype=torch.uint8, device=h.home)
+
+    def _wait_reload(self, h: Handle) -> None:
+        """The H2D copy's event."""
+        _copy(h.device, h.host)

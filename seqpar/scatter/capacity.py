@@ -50,10 +50,12 @@ def resolve_scatter_profile(spec: str, device) -> HardwareProfile:
                           "or fit one with `seqpar profile`") from None
 
 
-def memory_layouts(cm: CostModel, precision: str, attention: str, loss_chunk_tokens: int) -> list[MemoryLayout]:
+def memory_layouts(cm: CostModel, precision: str, attention: str, loss_chunk_tokens: int, alpha: float = 1.0,
+                   keep_last: int = 2) -> list[MemoryLayout]:
     """The per-rank layouts a pool group can take: degree 1, and each algorithm at the largest degree
     it runs (the all-to-all's replicated K/V and second output grow with the degree)."""
-    kw = dict(state_shards=cm.world, precision=precision, attention=attention, loss_chunk_tokens=loss_chunk_tokens)
+    kw = dict(state_shards=cm.world, precision=precision, attention=attention, loss_chunk_tokens=loss_chunk_tokens,
+              alpha=alpha, keep_last=keep_last)
     layouts = [MemoryLayout("local", **kw)]
     for d in powers_of_two(cm.max_degree)[1:]:
         for a in cm.algorithms(d):
@@ -63,25 +65,32 @@ def memory_layouts(cm: CostModel, precision: str, attention: str, loss_chunk_tok
 
 
 def capacity_tokens(cm: CostModel, model: ModelConfig, policy: str, precision: str, attention: str = "flash",
-                    loss_chunk_tokens: int = 4096) -> CostModel:
+                    loss_chunk_tokens: int = 4096, alpha: float = 1.0, keep_last: int = 2) -> CostModel:
     """``cm`` with K, the tokens per rank whose peak fits ``cm.memory_bytes`` under memory ``policy``,
     from the memory estimator (``seqpar.memory.estimate``): the smallest over the layouts a group can
     take, so any plan within K fits. Its memory terms (``memory_per_rank``) become the estimator's
     (states and the per-token slope of that layout's peak), and its compute terms include the
-    policy's recomputation."""
-    layouts = memory_layouts(cm, precision, attention, loss_chunk_tokens)
+    policy's recomputation (memo: its ``alpha``; offload and memo keep the last ``keep_last`` blocks)."""
+    layouts = memory_layouts(cm, precision, attention, loss_chunk_tokens, alpha, keep_last)
     fits = [(max_tokens(model, policy, lay, cm.memory_bytes), lay) for lay in layouts]
     k, lay = min(fits, key=lambda x: x[0])
     base = estimate_memory(model, policy, 0, lay).peak_bytes
     slope = (estimate_memory(model, policy, max(k, 1), lay).peak_bytes - base) / max(k, 1)
     notes = {**cm.notes, "memory_policy": policy, "capacity_layout": lay.algorithm}
     # Recomputation is paid in time: the forward is a third of forward + backward, so ``full`` (which
-    # re-runs the whole block) costs 4/3 of the compute and ``selective`` 4/3 of the token-local part.
-    # Re-run communication under ``full`` is not priced (the ring's overlaps attention).
+    # re-runs the whole block) costs 4/3 of the compute and ``selective`` 4/3 of the token-local part,
+    # memo 1 + (1 - alpha) / 3 of it. Re-run communication under ``full`` is not priced (the ring's
+    # overlaps attention); offload's copies are assumed hidden (MEMO's LP chooses alpha so they are).
     a1 = cm.a1 * (4 / 3 if policy == "full" else 1.0)
-    a2 = cm.a2 * (4 / 3 if policy in ("full", "selective") else 1.0)
+    a2 = cm.a2 * {"full": 4 / 3, "selective": 4 / 3, "memo": 1 + (1 - alpha) / 3}.get(policy, 1.0)
     return dataclasses.replace(cm, capacity=k, state_bytes_per_rank=base, act_bytes_per_token=slope, a1=a1, a2=a2,
                                notes=notes)
+
+
+def memo_alpha(cfg: Config) -> float:
+    """memo's alpha for planning: ``memory.alpha``, or under ``auto`` the value the trainer solved
+    and wrote back into the config before planning (1 when nothing solved it yet)."""
+    return 1.0 if cfg.memory.alpha == "auto" else float(cfg.memory.alpha)
 
 
 def run_cost_model(cfg: Config, world: int, device, local_world: int = 1) -> tuple[CostModel, dict]:
@@ -106,7 +115,7 @@ def run_cost_model(cfg: Config, world: int, device, local_world: int = 1) -> tup
             cm = capacity_tokens(cm, _with_vocab(cfg.model, cfg.data.tokenizer), cfg.memory.policy,
                                  precision_of(cfg.train.dtype, cfg.parallel.fsdp, getattr(device, "type", str(device))),
                                  attention_kind(cfg.kernels.attention, getattr(device, "type", str(device))),
-                                 cfg.memory.loss_chunk_tokens)
+                                 cfg.memory.loss_chunk_tokens, memo_alpha(cfg), cfg.memory.keep_last)
         except CostModelError as e:
             raise ConfigError(f"memory.policy={cfg.memory.policy}: {e}") from None
     k = cm.capacity

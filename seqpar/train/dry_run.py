@@ -84,6 +84,7 @@ class DryRunPlan:
     estimates: dict[str, MemoryEstimate] = dataclasses.field(default_factory=dict)  # by memory policy
     usable_bytes: float | None = None  # device memory the estimates must fit (profile x USABLE_FRACTION)
     longest: dict[str, int] = dataclasses.field(default_factory=dict)  # local tokens that fit, by policy
+    memo_alpha: str = ""  # how memo's alpha was chosen (memory.alpha, or MEMO's LP from the profile)
 
     @property
     def state_bytes(self) -> float:
@@ -134,11 +135,13 @@ def plan_dry_run(cfg: Config, world_size: int) -> DryRunPlan:
 
 
 def memory_estimates(cfg: Config, model_cfg: ModelConfig, dims: ParallelDims, profile: HardwareProfile | None,
-                      shards: int, device_type: str | None = None) -> dict:
+                      shards: int, device_type: str | None = None, alpha: float | None = None) -> dict:
     """Per-policy estimates for this run's layout at its tokens per rank (seq_len / sp; adaptive: the
     longest sequence over the whole pool, in the layout that holds the most per token), and the
     longest shard that fits the profile's device memory. ``device_type``
-    defaults to the profile's kind (CUDA unless it is the cpu profile; this machine's without one)."""
+    defaults to the profile's kind (CUDA unless it is the cpu profile; this machine's without one).
+    memo's ``alpha``: given (the trainer's, solved from measurements), ``memory.alpha``, or MEMO's
+    LP on the profile's numbers (``memo_alpha_from_profile``)."""
     if device_type is None:
         gpu = (profile is not None and not profile.name.startswith("cpu")) or (profile is None and torch.cuda.is_available())
         device_type = "cuda" if gpu else "cpu"
@@ -151,8 +154,15 @@ def memory_estimates(cfg: Config, model_cfg: ModelConfig, dims: ParallelDims, pr
             layout = dataclasses.replace(layout, algorithm="ring", ulysses=1, ring=dims.world_size)
     else:
         layout = static_layout((dims.ulysses, dims.ring), shards, precision, attention, cfg.memory.loss_chunk_tokens)
-    layout = dataclasses.replace(layout, keep_last=cfg.memory.keep_last)
+    layout = dataclasses.replace(layout, keep_last=cfg.memory.keep_last, depth=cfg.memory.depth)
     tokens = -(-cfg.data.seq_len // dims.sp)
+    if alpha is not None:
+        how = f"memo alpha {alpha:.3f} (solved at start-up)"
+    elif cfg.memory.alpha != "auto":
+        alpha, how = float(cfg.memory.alpha), f"memo alpha {float(cfg.memory.alpha):.3f} (memory.alpha)"
+    else:
+        alpha, how = memo_alpha_from_profile(cfg, model_cfg, layout, tokens, profile)
+    layout = dataclasses.replace(layout, alpha=alpha)
     estimates = {p: estimate_memory(model_cfg, p, tokens, layout) for p in MEMORY_POLICIES}
     usable = None
     longest: dict[str, int] = {}
@@ -160,7 +170,37 @@ def memory_estimates(cfg: Config, model_cfg: ModelConfig, dims: ParallelDims, pr
         usable = USABLE_FRACTION * profile.device_memory_gib * _GIB
         longest = {p: max_tokens(model_cfg, p, layout, usable) for p in MEMORY_POLICIES}
     return {"memory_layout": layout, "memory_tokens": tokens, "estimates": estimates, "usable_bytes": usable,
-            "longest": longest}
+            "longest": longest, "memo_alpha": how}
+
+
+#: Device-to-host bandwidth assumed when the profile has no ``host_bw_gbps`` (PCIe 4 x16, pinned).
+DEFAULT_HOST_BW_GBPS = 25.0
+
+
+def memo_alpha_from_profile(cfg: Config, model_cfg: ModelConfig, layout: MemoryLayout, tokens: int,
+                            profile: HardwareProfile | None) -> tuple[float, str]:
+    """``memory.alpha: auto`` before any measurement: MEMO's LP with the block forward predicted at
+    50% MFU of the profile's bf16 peak, its ``host_bw_gbps`` and ``memory.host_budget_gib`` (else the
+    profile's host memory over 8 ranks; else unbounded). (alpha, how it was chosen)."""
+    from seqpar.memory.alpha import alpha_problem, format_solution, predicted_forward_s, solve_alpha
+
+    peak = peak_flops(profile, "bf16") if profile is not None else None
+    if peak is None:
+        return 1.0, "memo alpha 1 (memory.alpha=auto needs a hardware profile to solve MEMO's LP before start-up)"
+    bw = float(profile.extra.get("host_bw_gbps", DEFAULT_HOST_BW_GBPS)) * 1e9
+    if cfg.memory.host_budget_gib > 0:
+        budget = cfg.memory.host_budget_gib * _GIB
+    elif profile.host_memory_gib is not None:
+        budget = profile.host_memory_gib * _GIB / 8
+    else:
+        budget = float("inf")
+    problem = alpha_problem(model_cfg, layout, tokens, predicted_forward_s(model_cfg, tokens, cfg.data.seq_len, peak),
+                            bw, budget)
+    try:
+        solution = solve_alpha(problem)
+    except ValueError as e:
+        return 0.0, f"memo alpha 0, and memo cannot run: {e}"
+    return solution.alpha, format_solution(problem, solution, "MEMO's LP, predicted forward at 50% MFU")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +367,8 @@ def _memory_table(plan: DryRunPlan, cfg: Config) -> list[str]:
                      f"{_gib(est.peak_bytes, 11)}  {fits} {_gib(est.host)}  {longest}")
     lines.append("          (* memory.policy of this run; states include bf16 compute copies; the peak is the larger of "
                  f"the forward's end and the backward's start; host: offloaded activations per rank, "
-                 f"memory.keep_last={lay.keep_last} blocks stay)")
+                 f"memory.keep_last={lay.keep_last} blocks stay, memory.depth={lay.depth} in flight)")
+    lines.append(f"          {plan.memo_alpha}")
     return lines
 
 

@@ -23,6 +23,10 @@ def memory_gib(device: torch.device) -> dict[str, float]:
     return {"mem_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def _fmt_gib(gib: float) -> str:
+    return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -102,7 +106,9 @@ class MetricsLogger:
                 f"step {record['step']:>{width}}/{self.total_steps} | loss {record['loss']:.4f} | "
                 f"grad_norm {record['grad_norm']:.3f} | lr {record['lr']:.2e} | "
                 f"tok/s {record['tokens_per_s']:,.0f} | tflops {record.get('tflops_per_s', 0.0):.3f} | mfu {mfu} | "
-                f"mem {mem:.2f} GiB | data {record.get('data_wait_s', 0.0):.2f}s | eta {_fmt_duration(record['eta_s'])}"
+                f"mem {mem:.2f} GiB"
+                + (f" (host {_fmt_gib(record['host_peak_gib'])} offloaded)" if "host_peak_gib" in record else "")
+                + f" | data {record.get('data_wait_s', 0.0):.2f}s | eta {_fmt_duration(record['eta_s'])}"
                 + (f" | plan {record['degrees']} pred {record['predicted_step_s']:.2f}s wait {record['plan_wait_s']:.2f}s"
                    if "degrees" in record else "")
                 + (" | skipped (non-finite)" if record.get("skipped") else ""),

@@ -62,14 +62,16 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def default_model_policies(cfg: Config) -> list[ModelPolicy]:
-    """Policies the config asks for, applied to the meta model before FSDP."""
+def default_model_policies(cfg: Config, engine=None) -> list[ModelPolicy]:
+    """Policies the config asks for, applied to the meta model before FSDP; ``engine``: the transfer
+    engine of offload / memo (default: a host engine), memo's alpha resolved (not ``auto``)."""
     policies: list[ModelPolicy] = []
     if cfg.memory.policy != "none":  # model.activation_checkpointing: true is memory.policy: full
         from seqpar.memory.checkpoint import apply_memory_policy
+        from seqpar.scatter.capacity import memo_alpha
 
-        policies.append(lambda model: apply_memory_policy(model.layers, cfg.memory.policy,
-                                                          keep_last=cfg.memory.keep_last))
+        policies.append(lambda model: apply_memory_policy(model.layers, cfg.memory.policy, engine=engine,
+                                                          keep_last=cfg.memory.keep_last, alpha=memo_alpha(cfg)))
     return policies
 
 
@@ -118,7 +120,17 @@ class Trainer:
         self.step_data, self.source = open_data(cfg, self.info.local_rank)
         cfg.model.vocab_size = self.source.vocab_size
         self.dtype = compute_dtype(cfg, self.device)
-        self.model = self.build_model(default_model_policies(cfg) if model_policies is None else model_policies)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.info.world_size))
+        self.memo_line = ""
+        if cfg.memory.policy == "memo" and cfg.memory.alpha == "auto":
+            self.memo_line = self._solve_memo_alpha(local_world)  # writes memory.alpha (saved with the run)
+        self.cost_model, self.cost_notes = (None, {})
+        if cfg.adaptive:
+            from seqpar.scatter.capacity import run_cost_model
+
+            self.cost_model, self.cost_notes = run_cost_model(cfg, self.info.world_size, self.device, local_world)
+        self.engine = self._build_engine() if cfg.memory.policy in ("offload", "memo") else None
+        self.model = self.build_model(default_model_policies(cfg, self.engine) if model_policies is None else model_policies)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint.keep_latest, group=self.groups.world)
@@ -126,14 +138,39 @@ class Trainer:
         self.faults: FaultInjector = faults if faults is not None else Faults(self.info.rank)
         self.micro_batches = self.build_micro_batches()
         self.data_meta = _data_meta(cfg, self.source.prefix)
-        self.cost_model, self.cost_notes = (None, {})
-        if cfg.adaptive:
-            from seqpar.scatter.capacity import run_cost_model
-
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.info.world_size))
-            self.cost_model, self.cost_notes = run_cost_model(cfg, self.info.world_size, self.device, local_world)
 
     # -- builders -----------------------------------------------------------------------------
+    def _memory_layout(self):
+        """(estimator layout, local tokens per micro-batch) of this run (seqpar.train.dry_run)."""
+        from seqpar.train.dry_run import memory_estimates
+
+        shards = self.dims.dp * self.dims.sp if self.cfg.parallel.fsdp else 1
+        m = memory_estimates(self.cfg, self.cfg.model, self.dims, None, shards, self.device.type)
+        return m["memory_layout"], m["memory_tokens"]
+
+    def _solve_memo_alpha(self, local_world: int) -> str:
+        """memory.alpha: auto -> MEMO's LP on this machine's measured numbers (collective)."""
+        from seqpar.train.memory_setup import solve_memo_alpha
+
+        layout, tokens = self._memory_layout()
+        try:
+            alpha, line = solve_memo_alpha(self.cfg, self.cfg.model, layout, tokens, self.device, self.dtype,
+                                           local_world, self.groups.world)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.cfg.memory.alpha = alpha
+        return line
+
+    def _build_engine(self):
+        """The transfer engine of offload / memo: pinned slabs for the largest micro-batch on this rank
+        (adaptive: the planner's K tokens per rank)."""
+        from seqpar.train.memory_setup import build_engine
+
+        layout, tokens = self._memory_layout()
+        if self.cost_model is not None:
+            tokens = self.cost_model.capacity
+        return build_engine(self.cfg, self.cfg.model, layout, tokens, self.device)
+
     def build_model(self, policies: Sequence[ModelPolicy]) -> Transformer:
         """The model on this rank: FSDP-sharded over dp x sp, or replicated (identical on every
         rank by the name-seeded init, without a broadcast)."""
@@ -225,6 +262,8 @@ class Trainer:
             log.info(f"adaptive: profile {notes['profile']} | K = {cm.capacity:,} tokens/rank ({notes['capacity_from']}) | "
                      f"{degree_summary(cm)} | planner time limit {cfg.scatter.time_limit_s:g} s")
         log.info(self._memory_line())
+        if self.memo_line:
+            log.info(self.memo_line)
         log.info(
             "FLOPs: model FLOPs (6 x matmul params per token + causal attention per document, recompute not counted); "
             f"peak {'n/a' if peak is None else f'{peak / 1e12:.1f} TFLOP/s per device'} "
@@ -337,6 +376,8 @@ class Trainer:
                     "data_wait_s": batch.data_wait_s,
                     **memory_gib(self.device),
                 }
+                if self.engine is not None:  # offload / memo: this rank's offloaded activations at their peak
+                    record["host_peak_gib"] = self.engine.stats.peak_host_bytes / 2**30
                 if batch.plan is not None:
                     p = batch.plan
                     record.update(predicted_step_s=p.plan.predicted_step_s, micro_batches=p.plan.num_microbatches,

@@ -86,3 +86,27 @@ def sp_saved_per_token(cfg: ModelConfig, shapes: list[tuple[str, int, int]], tok
         local = (tokens[0] // world, tokens[1] // world)
         out[algorithm] = saved_per_token_per_layer(cfg, tokens, local, assignment=assignment, fsdp_bf16=fsdp_bf16)
     return out
+
+
+def offloaded_per_token_per_layer(cfg: ModelConfig, policy: str, alpha: float, tokens: tuple[int, int]) -> float:
+    """Bytes the transfer engine receives per token and block under ``policy`` (offload | memo) with
+    every block offloaded (keep_last 0): differences over 1 vs 3 layers and two lengths, as above."""
+    import dataclasses
+
+    from seqpar.attention import build_attention
+    from seqpar.memory.checkpoint import apply_memory_policy
+    from seqpar.memory.transfer import HostEngine
+    from seqpar.model.llama import Transformer
+
+    def moved(layers: int, t: int) -> int:
+        torch.manual_seed(0)
+        model = Transformer(dataclasses.replace(cfg, n_layers=layers), build_attention("reference", torch.device("cpu")))
+        model.loss_chunk_tokens = 64
+        engine = HostEngine(1)
+        apply_memory_policy(model.layers, policy, engine=engine, keep_last=0, alpha=alpha)
+        mb = microbatch(t, cfg.vocab_size, torch.device("cpu"))
+        model(mb.tokens, mb.ctx, labels=mb.labels).backward()
+        return engine.stats.offloaded_bytes
+
+    per_layer = [(moved(3, t) - moved(1, t)) / 2 for t in tokens]
+    return (per_layer[1] - per_layer[0]) / (tokens[1] - tokens[0])

@@ -1,5 +1,6 @@
-"""Worker-side code of the memory-policy tests: the same model under none / full / selective, with
-attention calls and attention collectives counted in forward and in backward."""
+"""Worker-side code of the memory-policy tests: the same model under none / full / selective / offload
+/ memo (alpha 0, 0.5, 1), with attention calls and attention collectives counted in forward and in
+backward."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from seqpar.config import ModelConfig
 
 CFG = dict(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64)
 DOCS = [23, 1, 40, 7, 29]  # odd and uneven: 100 tokens, not a multiple of 2 x world
-POLICIES = ("none", "full", "selective", "offload")
+#: Policy names; ``memo@a`` is memo with alpha a.
+POLICIES = ("none", "full", "selective", "offload", "memo@0", "memo@0.5", "memo@1")
 
 
 class CountingAttention:
@@ -72,7 +74,9 @@ def run_policy(policy: str, assignment=None, micro_batches: int = 2, depth: int 
     model = Transformer(ModelConfig(**CFG), attention)
     model.loss_chunk_tokens = 16
     engine = HostEngine(depth)
-    apply_memory_policy(model.layers, policy, engine=engine, keep_last=1)  # offload: 2 of 3 blocks
+    name, _, alpha = policy.partition("@")
+    # offload, memo: 2 of 3 blocks
+    apply_memory_policy(model.layers, name, engine=engine, keep_last=1, alpha=float(alpha or 1))
     mb = make_microbatch(*_stream(), torch.device("cpu"))
     targets = mb.num_targets * micro_batches
     if assignment is not None:

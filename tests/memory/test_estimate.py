@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import seqpar.kernels.reference as reference
-from seqpar.config import ModelConfig
+from seqpar.config import MEMORY_POLICIES, ModelConfig
 from seqpar.memory.estimate import MemoryLayout, estimate_memory, layer_bytes, max_tokens
 from seqpar.bench.memory_bench import CPU_SCORE_BLOCK_BYTES, run_memory_bench
-from tests.memory.estimate_cases import saved_per_token_per_layer, sp_saved_per_token
+from tests.memory.estimate_cases import offloaded_per_token_per_layer, saved_per_token_per_layer, sp_saved_per_token
 
 GQA = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=128)
 
@@ -18,6 +18,17 @@ def test_saved_bytes_per_token_and_layer_equal_autograd(precision):
     got = saved_per_token_per_layer(GQA, (128, 256), (128, 256), autocast=precision == "autocast")
     want = layer_bytes(GQA, "none", MemoryLayout(precision=precision)).saved
     assert got == pytest.approx(want, rel=1e-9), (got, want)
+
+
+@pytest.mark.parametrize("policy,alpha", [("offload", 1.0), ("memo", 0.0), ("memo", 0.5), ("memo", 1.0)])
+def test_offloaded_bytes_per_token_and_layer_equal_the_engine(policy, alpha):
+    """What offload and memo move to the host per token and block: the block input, attention's
+    tensors, and alpha of the token-local ops' (the estimator's memo_split)."""
+    got = offloaded_per_token_per_layer(GQA, policy, alpha, (512, 1024))  # rsqrt rows >= MIN_BYTES in both
+    lay = MemoryLayout(precision="fp32", alpha=alpha)
+    assert got == pytest.approx(layer_bytes(GQA, policy, lay).saved, rel=1e-9), (got, layer_bytes(GQA, policy, lay))
+    if policy == "memo" and alpha == 0.0:
+        assert got == layer_bytes(GQA, "selective", lay).saved  # selective's tensors, all offloaded
 
 
 @pytest.mark.parametrize("world,shapes", [
@@ -49,10 +60,12 @@ PEAK_MODEL = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_siz
 
 def test_estimated_peak_within_10_percent_of_measured():
     """`seqpar bench memory`'s measurement (MemTracker, fp32, reference attention with 1 MB score
-    blocks: the default 64 MB would swamp activations this small) at two sizes, every policy."""
-    rows = run_memory_bench(PEAK_MODEL, [1024, 2048], ["none", "full", "selective"], torch.device("cpu"))
+    blocks: the default 64 MB would swamp activations this small) at two sizes, every policy (memo
+    with alpha 0.5; offload and memo through the host engine, whose numpy pool MemTracker does not
+    count, keep_last 2 of 4 blocks)."""
+    rows = run_memory_bench(PEAK_MODEL, [1024, 2048], list(MEMORY_POLICIES), torch.device("cpu"), alpha=0.5)
     lay = MemoryLayout(precision="fp32", attention="reference", score_block_bytes=CPU_SCORE_BLOCK_BYTES,
-                       loss_chunk_tokens=256)
+                       loss_chunk_tokens=256, alpha=0.5)
     for r in rows:
         est = estimate_memory(PEAK_MODEL, r.policy, r.tokens, lay)
         assert est.peak_bytes == r.estimated and est.peak_bytes > 2 * est.states  # activations dominate
@@ -60,7 +73,20 @@ def test_estimated_peak_within_10_percent_of_measured():
     peaks = {(r.tokens, r.policy): r.measured for r in rows}
     for t in (1024, 2048):
         assert peaks[(t, "full")] < peaks[(t, "selective")] < peaks[(t, "none")]
+        assert peaks[(t, "memo")] < peaks[(t, "offload")] < peaks[(t, "none")]
     assert reference.SCORE_BLOCK_BYTES == 64 << 20  # restored
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_estimated_memo_peak_within_10_percent_of_measured_for_every_alpha(alpha):
+    """8 blocks (6 offloaded): the kept share is freed before the rest is recomputed, and alpha = 1
+    is offload's peak."""
+    m = ModelConfig(dim=128, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=512)
+    (r,) = run_memory_bench(m, [2048], ["memo"], torch.device("cpu"), alpha=alpha)
+    assert abs(r.error) < 0.10, r
+    if alpha == 1.0:
+        (off,) = run_memory_bench(m, [2048], ["offload"], torch.device("cpu"))
+        assert r.measured == off.measured and r.estimated == off.estimated
 
 
 def test_longest_sequence_that_fits():
@@ -76,5 +102,7 @@ def test_longest_sequence_that_fits():
 def test_bad_layouts_are_one_line_errors():
     with pytest.raises(ValueError, match="algorithm='zigzag'"):
         MemoryLayout(algorithm="zigzag")
-    with pytest.raises(ValueError, match="memory.policy='memo'"):
-        layer_bytes(GQA, "memo", MemoryLayout())
+    with pytest.raises(ValueError, match="memory.policy='memo2'"):
+        layer_bytes(GQA, "memo2", MemoryLayout())
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        MemoryLayout(alpha=1.5)

@@ -21,13 +21,20 @@ def _same(a: dict, b: dict, rtol: float, atol: float) -> None:
 
 def test_policies_single_process_same_loss_and_gradients_and_attention_counts():
     runs = {p: run_policy(p) for p in POLICIES}
-    for p in ("full", "selective", "offload"):
-        _same(runs[p], runs["none"], rtol=1e-6, atol=1e-9)  # the same ops, recomputed or moved: fp32-tight
+    for p in POLICIES[1:]:
+        # The same ops, recomputed or moved: fp32-tight (memo splits token-local matmuls into two row
+        # blocks, so weight gradients are summed in another order).
+        _same(runs[p], runs["none"], rtol=1e-6, atol=1e-9 if "@" not in p else 1e-7)
+    once = LAYERS * MICRO
     assert {p: r["attention_calls"] for p, r in runs.items()} == {
-        "none": LAYERS * MICRO, "selective": LAYERS * MICRO, "full": 2 * LAYERS * MICRO, "offload": LAYERS * MICRO}
-    off = runs["offload"]
-    assert off["offloaded_bytes"] > 0 and off["host_bytes_after"] == 0  # moved, and freed after each micro-batch
-    assert off["late_reloads"] == 0  # every reload was prefetched when the block above started its backward
+        p: 2 * once if p == "full" else once for p in POLICIES}
+    for p in ("offload", "memo@0", "memo@0.5", "memo@1"):
+        off = runs[p]
+        assert off["offloaded_bytes"] > 0 and off["host_bytes_after"] == 0  # moved, and freed after each micro-batch
+        assert off["late_reloads"] == 0  # every reload was prefetched when the block above started its backward
+    # alpha keeps more tokens' tensors: more bytes move; alpha = 1 moves what offload moves.
+    moved = [runs[p]["offloaded_bytes"] for p in ("memo@0", "memo@0.5", "memo@1")]
+    assert moved[0] < moved[1] < moved[2] == runs["offload"]["offloaded_bytes"]
     assert runs["none"]["loss"] > 0 and all(g.abs().sum() > 0 for g in runs["none"]["grads"].values())
 
 
@@ -44,7 +51,9 @@ def test_policies_under_sp_match_single_device_and_never_rerun_attention_collect
             for policy in POLICIES:
                 r = out[(algorithm, policy)]
                 _same(r, single, rtol=1e-5, atol=1e-7)  # SP vs one device: fp32, sums in another order
-                _same(r, none, rtol=1e-6, atol=1e-9)
+                # memo splits the token-local matmuls in two row blocks: weight gradients sum in
+                # another order, like SP's.
+                _same(r, none, rtol=1e-6, atol=1e-9) if "@" not in policy else _same(r, none, rtol=1e-5, atol=1e-7)
                 assert r["fwd_collectives"] == none["fwd_collectives"], (algorithm, policy)
             sel, full = out[(algorithm, "selective")], out[(algorithm, "full")]
             # Selective's backward launches exactly the attention backward's collectives: nothing is
@@ -52,9 +61,11 @@ def test_policies_under_sp_match_single_device_and_never_rerun_attention_collect
             assert sel["bwd_collectives"] == none["bwd_collectives"], algorithm
             assert full["bwd_collectives"] == none["bwd_collectives"] + none["fwd_collectives"], algorithm
             assert sel["attention_calls"] == none["attention_calls"] == LAYERS * MICRO
-            off = out[(algorithm, "offload")]
-            assert off["bwd_collectives"] == none["bwd_collectives"] and off["attention_calls"] == LAYERS * MICRO
-            assert off["offloaded_bytes"] > 0 and off["late_reloads"] == 0
+            for p in ("offload", "memo@0", "memo@0.5", "memo@1"):
+                # Reloads and memo's recomputation launch no attention collective; attention ran once.
+                off = out[(algorithm, p)]
+                assert off["bwd_collectives"] == none["bwd_collectives"] and off["attention_calls"] == LAYERS * MICRO, p
+                assert off["offloaded_bytes"] > 0 and off["late_reloads"] == 0, p
             assert full["attention_calls"] == 2 * LAYERS * MICRO
 
 
@@ -69,8 +80,8 @@ def test_policy_application_and_config_alias():
     assert [memory_policy_of(b) for b in model.layers] == ["selective"] * LAYERS
     with pytest.raises(ValueError, match="already has memory policy 'selective'"):
         apply_memory_policy(model.layers, "full")
-    with pytest.raises(ValueError, match="memory.policy='memo'"):
-        apply_memory_policy(model.layers, "memo")
+    with pytest.raises(ValueError, match="memory.policy='memo2'"):
+        apply_memory_policy(model.layers, "memo2")
     with pytest.raises(ValueError, match="already has memory policy 'selective'; cannot apply 'offload'"):
         apply_memory_policy(model.layers, "offload")
     # model.activation_checkpointing: true is the older spelling of memory.policy: full.

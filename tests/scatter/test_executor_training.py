@@ -51,11 +51,17 @@ def test_templates_cover_the_acceptance_shapes():
     assert [d for d, _, _ in TEMPLATES[8][0][0]] == [4, 2, 1, 1]
 
 
-@pytest.mark.parametrize("world,fsdp", [(4, True), (4, False), (8, True), (8, False)])
-def test_adaptive_training_matches_single_process(dist_pool, small_store, tmp_path, single, world, fsdp):
+# memo: each rank splits its own shard of every plan's micro-batches (alpha 0.5; block 0 offloads
+# through the host engine, block 1 is kept), against the single process without any policy.
+MEMO = ("memory.policy=memo", "memory.alpha=0.5", "memory.keep_last=1")
+
+
+@pytest.mark.parametrize("world,fsdp,memory", [(4, True, ()), (4, False, ()), (8, True, ()), (8, False, ()),
+                                               (4, True, MEMO)])
+def test_adaptive_training_matches_single_process(dist_pool, small_store, tmp_path, single, world, fsdp, memory):
     records, params = single
     got = dist_pool(world).run(train_adaptive, _overrides(small_store, tmp_path, [
-        "parallel.algorithm=adaptive", "parallel.dp=1", f"parallel.fsdp={str(fsdp).lower()}"]), world)
+        "parallel.algorithm=adaptive", "parallel.dp=1", f"parallel.fsdp={str(fsdp).lower()}", *memory]), world)
     assert all([r["loss"] for r in g] == [r["loss"] for r in got[0]] for g in got)  # same global values everywhere
     ran = got[0]
     # The forced templates ran (degrees per micro-batch, cycling over steps).
@@ -63,6 +69,7 @@ def test_adaptive_training_matches_single_process(dist_pool, small_store, tmp_pa
         step_t = TEMPLATES[world][(r["step"] - 1) % len(TEMPLATES[world])]
         assert r["degrees"] == " | ".join("+".join(str(d) for d, _, _ in mb) for mb in step_t)
     assert [(r["tokens"], r["targets"]) for r in ran] == [(r["tokens"], r["targets"]) for r in records]
+    assert all(r["host_peak_gib"] > 0 for r in ran) if memory else all("host_peak_gib" not in r for r in ran)
     for r, ref in zip(ran, records):
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     final = final_params(tmp_path)

@@ -129,24 +129,30 @@ def test_cli_dry_run_error_is_one_line(capsys):
 
 def test_llama_7b_1m_dry_run_has_a_per_policy_memory_table():
     """configs/llama-7b-1m.yaml on 8 x H100-SXM: each policy's estimated peak, whether it fits 80 GiB,
-    and the longest shard that does. At 131,072 tokens per rank none fits: offload is needed."""
+    and the longest shard that does. At 131,072 tokens per rank only memo fits, with alpha from
+    MEMO's LP under the config's 224 GiB of host memory per rank (MEMO: 7B, 1M tokens, 8 x A800)."""
     cfg = load_config(os.path.join(REPO, "configs", "llama-7b-1m.yaml"), ["cluster.profile=H100-SXM"])
     plan = plan_dry_run(cfg, 8)
     assert plan.memory_tokens == 131072 and plan.memory_layout.algorithm == "ulysses"
-    assert set(plan.estimates) == {"none", "full", "selective", "offload"}
+    assert set(plan.estimates) == {"none", "full", "selective", "offload", "memo"}
     peaks = {p: e.peak_bytes for p, e in plan.estimates.items()}
-    assert peaks["full"] < peaks["offload"] < peaks["selective"] < peaks["none"]
-    off = plan.estimates["offload"]  # 30 of 32 blocks in host memory, 2 kept + 1 in flight on the device
+    assert peaks["memo"] < peaks["offload"] < peaks["full"] < peaks["selective"] < peaks["none"]
+    off = plan.estimates["offload"]  # 30 of 32 blocks in host memory, the 2 kept ones on the device
     assert off.host == pytest.approx(plan.estimates["none"].activations * 30 / 32)
-    assert off.activations == pytest.approx(plan.estimates["none"].activations * 3 / 32)
-    assert all(peak > plan.usable_bytes for peak in peaks.values())  # 1M tokens on 8 GPUs needs offload
-    assert 0 < plan.longest["none"] < plan.longest["selective"] < plan.longest["full"] < 131072
+    assert off.activations == pytest.approx(plan.estimates["none"].activations * 2 / 32)
+    assert all(peak > plan.usable_bytes for p, peak in peaks.items() if p != "memo")
+    assert peaks["memo"] <= plan.usable_bytes  # 1M tokens on 8 GPUs: memo
+    memo, alpha = plan.estimates["memo"], plan.memory_layout.alpha
+    assert 0 < alpha < 0.2 and memo.host == pytest.approx(224 * 2**30)  # the host budget binds
+    assert "memo alpha 0.070 (host memory-bound; MEMO's LP" in plan.memo_alpha
+    assert 0 < plan.longest["none"] < plan.longest["selective"] < plan.longest["full"] < 131072 < plan.longest["memo"]
     report = dry_run_report(cfg, 8)
     assert "not estimated" not in report
-    rows = [line.split() for line in report.splitlines()
-            if line.strip().lstrip("*").split()[:1] in (["none"], ["full"], ["selective"], ["offload"])]
-    assert len(rows) == 4 and all("NO" in row and "tokens" in row for row in rows), rows
-    assert "fits: peak <= 90% of 80 GiB" in report
+    rows = {line.strip().lstrip("*").split()[0]: line.split() for line in report.splitlines()
+            if line.strip().lstrip("*").split()[:1] in (["none"], ["full"], ["selective"], ["offload"], ["memo"])}
+    assert len(rows) == 5 and all("NO" in row and "tokens" in row for p, row in rows.items() if p != "memo"), rows
+    assert "yes" in rows["memo"]
+    assert "fits: peak <= 90% of 80 GiB" in report and "memo alpha 0.070" in report
 
 
 def test_dry_run_memory_fits_for_the_1b_config():
