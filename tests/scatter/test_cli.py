@@ -120,5 +120,9 @@ def test_memory_policies_change_capacity_and_plan(capsys):
     assert code == 0, err
     assert "K from the memory estimator per policy" in out
     assert [line.split()[0] for line in out.splitlines()[2:4]] == ["none", "selective"]
-    code, out, err = _run(capsys, *args[:-1], "memo")
-    assert code == 2 and "--memory 'memo'" in err and len(err.strip().splitlines()) == 1
+    code, out, err = _run(capsys, *args[:-1], "none,offload,memo", "--json")
+    assert code == 0, err
+    k = {p: o["capacity_tokens_per_rank"] for p, o in json.loads(out)["memory_policies"].items()}
+    assert k["none"] < k["offload"] < k["memo"], k  # host memory holds what the device cannot
+    code, out, err = _run(capsys, *args[:-1], "memo2")
+    assert code == 2 and "--memory 'memo2'" in err and len(err.strip().splitlines()) == 1
