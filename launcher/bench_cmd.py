@@ -128,15 +128,13 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_scale(args: argparse.Namespace) -> int:
-    import os
-
     from seqpar.bench.scale_bench import format_table, model_config, run_scale_bench
 
     try:
         cfg = model_config(args.model, args.vocab)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         rows = run_scale_bench(args.model, args.vocab, args.world, args.budget_mib,
-                               [p for p in args.policies.split(",") if p], args.alpha, args.json)
+                               [p for p in args.policies.split(",") if p], args.alpha, args.json, args.resolution)
     except (ValueError, RuntimeError) as e:
         print(f"seqpar: error: {e}", file=sys.stderr)
         return 2
@@ -187,31 +185,33 @@ def add_bench_commands(sub) -> None:
     p.set_defaults(func=cmd_bench_adaptive)
 
     p = kinds.add_parser("memory", help="the memory estimator vs measured peaks, per memory policy and length")
-    p.add_argument("--model", default="128,4,4,2", help="dim,layers,heads,kv_heads (default: the tiny-cpu model)")
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--tokens", default="1024,2048", help="comma-separated tokens of the micro-batch")
-    p.add_argument("--policies", default="none,full,selective,offload,memo", help="comma-separated memory policies")
+    _memory_bench_args(p, tokens="1024,2048", policies="none,full,selective,offload,memo")
     p.add_argument("--chunk", type=int, default=256, help="memory.loss_chunk_tokens")
-    p.add_argument("--alpha", type=float, default=0.5, help="memo's alpha (share of tokens kept, not recomputed)")
-    p.add_argument("--json", default="", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_memory)
 
     p = kinds.add_parser("offload", help="step time of offload and memo against selective, and their gradient error")
-    p.add_argument("--model", default="128,4,4,2", help="dim,layers,heads,kv_heads (default: the tiny-cpu model)")
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--tokens", default="2048", help="comma-separated lengths of the one-document micro-batch")
-    p.add_argument("--policies", default="selective,offload,memo", help="comma-separated memory policies (selective: the baseline)")
+    _memory_bench_args(p, tokens="2048", policies="selective,offload,memo")
     p.add_argument("--steps", type=int, default=3, help="timed steps per policy and length, after one warm-up step")
-    p.add_argument("--alpha", type=float, default=0.5, help="memo's alpha")
-    p.add_argument("--json", default="", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_offload)
 
     p = kinds.add_parser("scale", help="longest document that trains one step under a per-rank memory budget, per policy")
     p.add_argument("--model", default="256,8,8,4", help="dim,layers,heads,kv_heads")
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--world", type=int, default=4, help="ranks of the ring (gloo processes)")
-    p.add_argument("--budget-mib", type=float, default=160, help="peak memory per rank (model states included)")
+    p.add_argument("--budget-mib", type=float, default=128, help="peak memory per rank (model states included)")
     p.add_argument("--policies", default="none,full,selective,offload,memo", help="comma-separated memory policies")
     p.add_argument("--alpha", type=float, default=0.0, help="memo's alpha (0: recompute every token-local op)")
+    p.add_argument("--resolution", type=float, default=0.05,
+                   help="stop when the longest fitting and the shortest failing length are this close (relative)")
     p.add_argument("--json", default="runs/bench-scale/scale.json", help="where the rows go")
     p.set_defaults(func=cmd_bench_scale)
+
+
+def _memory_bench_args(p: argparse.ArgumentParser, tokens: str, policies: str) -> None:
+    """The arguments `bench memory` and `bench offload` share: model, lengths, policies, alpha, JSON."""
+    p.add_argument("--model", default="128,4,4,2", help="dim,layers,heads,kv_heads (default: the tiny-cpu model)")
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--tokens", default=tokens, help="comma-separated tokens of the one-document micro-batch")
+    p.add_argument("--policies", default=policies, help="comma-separated memory policies")
+    p.add_argument("--alpha", type=float, default=0.5, help="memo's alpha (share of tokens kept, not recomputed)")
+    p.add_argument("--json", default="", help="also write the rows to this JSON file")

@@ -1,13 +1,13 @@
 """``seqpar bench scale``: the longest single document that trains one step under a fixed per-rank
 memory budget, per memory policy, with ring SP on gloo (CPU) or NCCL.
 
-    seqpar bench scale --model 256,8,8,4 --world 4 --budget-mib 160 --policies none,full,selective,offload,memo
+    seqpar bench scale --model 256,8,8,4 --world 4 --budget-mib 128 --policies none,full,selective,offload,memo
 
 Each rank's peak is measured as in ``seqpar bench memory`` (MemTracker on CPU: model, gradients,
 AdamW state and activations; the host engine's numpy pool is host memory and not counted), for one
 document sharded zigzag over a ring of ``world`` ranks (a second training step, replicated states).
 The search starts at the estimator's longest document for the budget, brackets the measured limit
-by steps of 10% and bisects it to ``resolution``; a length fits when every rank's peak is within
+by steps of 10% and bisects it to ``resolution`` (5%); a length fits when every rank's peak is within
 the budget. Runs as a torchrun job of ``world`` processes, one thread each; prints a table and
 writes JSON.
 """
@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import deque
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from seqpar.config import MEMORY_POLICIES, ModelConfig
 
 #: Largest relative gap between the longest length that fit and the shortest that did not.
-RESOLUTION = 0.02
+RESOLUTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,13 @@ def _estimated_longest(cfg: ModelConfig, policy: str, world: int, budget: float,
     return max_tokens(cfg, policy, lay, budget) * world
 
 
-def _search(fits, start: int, world: int, resolution: float, max_trials: int = 12) -> tuple[int, int, int, int]:
-    """(longest fitting, its peak, shortest failing, trials): bracket from ``start`` by 10%, then
-    bisect; lengths are multiples of 2 x world (zigzag's chunks)."""
+def _search(fits, start: int, world: int, resolution: float, max_trials: int = 16) -> tuple[int, int, int, int]:
+    """(longest fitting, its peak, shortest failing, trials): bracket from ``start`` by a step of 10%
+    that squares while it keeps the same direction (the estimate is usually close, but a bad one
+    must not exhaust the trials), then bisect; lengths are multiples of 2 x world (zigzag's chunks)."""
     unit = 2 * world
     snap = lambda n: max(unit, int(n) // unit * unit)  # noqa: E731
-    good, good_peak, bad, trials = 0, 0, 0, 0
+    good, good_peak, bad, trials, step = 0, 0, 0, 0, 1.1
     n = snap(start)
     while trials < max_trials:
         ok, peak = fits(n)
@@ -70,9 +72,9 @@ def _search(fits, start: int, world: int, resolution: float, max_trials: int = 1
             if n in (good, bad):
                 break
         else:
-            n = snap(n * 1.1) if ok else snap(n / 1.1)
-            if not ok and n == bad:
-                break
+            if not ok and n == unit:
+                break  # not even the shortest length fits
+            n, step = (snap(n * step) if ok else snap(n / step)), step * step
     return good, good_peak, bad, trials
 
 
@@ -93,7 +95,11 @@ def worker(cfg: ModelConfig, policies: list[str], budget: float, alpha: float, r
         def fits(n: int, policy: str = policy) -> tuple[bool, int]:
             peak = torch.tensor([measured_peak(cfg, policy, n, 256, device, alpha, assignment)], dtype=torch.int64)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            return int(peak) <= budget, int(peak)
+            ok = int(peak) <= budget
+            if dist.get_rank() == 0:  # progress: a trial takes seconds to minutes on CPU
+                print(f"  {policy:<10} {n:>8,} tokens  peak {int(peak) / 2**20:7.1f} MiB  {'fits' if ok else 'too long'}",
+                      flush=True)
+            return ok, int(peak)
 
         estimated = _estimated_longest(cfg, policy, world, budget, alpha)
         good, peak, bad, trials = _search(fits, estimated, world, resolution)
@@ -124,9 +130,15 @@ def run_scale_bench(model: str, vocab: int, world: int, budget_mib: float, polic
            "-m", "seqpar.bench.scale_bench", "--model", model, "--vocab", str(vocab), "--budget-mib", str(budget_mib),
            "--policies", ",".join(policies), "--alpha", str(alpha), "--resolution", str(resolution), "--output", output]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"seqpar bench scale: the {world}-rank job failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
+    tail: deque[str] = deque(maxlen=40)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as job:
+        assert job.stdout is not None
+        for line in job.stdout:  # the trials as they finish (rank 0), and the tail for an error
+            tail.append(line)
+            if line.startswith("  "):
+                print(line, end="", file=sys.stderr, flush=True)
+    if job.returncode != 0:
+        raise RuntimeError(f"seqpar bench scale: the {world}-rank job failed (exit {job.returncode}):\n{''.join(tail)}")
     with open(output) as f:
         return [ScaleRow(**r) for r in json.load(f)["rows"]]
 

@@ -104,6 +104,8 @@ def _copy(dst: torch.Tensor | np.ndarray, src: torch.Tensor | np.ndarray) -> Non
         np.copyto(dst if isinstance(dst, np.ndarray) else dst.numpy(), src if isinstance(src, np.ndarray) else src.numpy())
     elif isinstance(src, np.ndarray):
         dst.copy_(torch.from_numpy(src))
+    elif isinstance(dst, np.ndarray):  # device -> host pool (the host engine on a GPU: synchronous)
+        np.copyto(dst, src.cpu().numpy())
     else:
         dst.copy_(src)
 
