@@ -1,7 +1,8 @@
-"""Process-group start-up: rank discovery and backend choice.
+"""Process-group start-up: rank discovery (``seqpar.parallel.discover``, a pure function of the
+environment: torchrun, Slurm steps, Open MPI, MPICH/Hydra, PMIx, or none) and backend choice.
 
-Works under ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT) and as a plain
-single process (world size 1, no launcher needed).
+With no launcher the process is a world of one on a free localhost port. Under MPI without
+MASTER_ADDR, rank 0 broadcasts its address and port with mpi4py (``seqpar.parallel.mpi``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seqpar.parallel.discover import RankInfo, device_index, discover
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -22,11 +25,8 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
+    launcher: str = "single"
+    restart_count: int = 0
 
 
 def free_port() -> int:
@@ -36,16 +36,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_info() -> RankInfo:
+    """``discover(os.environ)``, asking MPI for what only it knows (PMIx's world size, rank 0's address)."""
+    from seqpar.parallel.mpi import under_mpi
+
+    env = os.environ
+    mpi = under_mpi(env)
+    mpi_size = None
+    if mpi and env.get("PMIX_RANK") and not (env.get("SLURM_STEP_NUM_TASKS") or env.get("OMPI_COMM_WORLD_SIZE")):
+        from seqpar.parallel.mpi import mpi_world_size
+
+        mpi_size = mpi_world_size()
+    info = discover(env, mpi_size)
+    if info.launcher in ("openmpi", "mpich", "pmix") and info.world > 1 and not info.master_addr:
+        from dataclasses import replace
+
+        from seqpar.parallel.mpi import broadcast_rendezvous
+
+        addr, port = broadcast_rendezvous(info.rank, info.world, info.master_port)
+        info = replace(info, master_addr=addr, master_port=port)
+    return info
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Initialise the default process group (collective over all ranks).
 
-    backend: "auto" picks NCCL when CUDA is available and gloo otherwise. With no launcher
-    environment the process becomes a world of one on a free localhost port, so the same
-    entry point serves ``python -m seqpar.train`` and ``torchrun``. Idempotent.
+    backend: "auto" picks NCCL when CUDA is available and gloo otherwise. The device is the local
+    rank's GPU (or GPU 0 when each rank sees one). Idempotent.
     """
-    rank = _env_int("RANK", 0)
-    world = _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    info = rank_info()
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
@@ -54,24 +73,25 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistInf
     if backend == "nccl" and not use_cuda:
         raise RuntimeError("backend nccl needs CUDA, but no GPU is visible; use backend gloo")
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", device_index(info.local_rank, info.local_world, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world > 1:
-                raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set; launch with torchrun (seqpar train --nproc N)")
-            os.environ["MASTER_PORT"] = str(free_port())
+        addr = info.master_addr or "127.0.0.1"
+        port = info.master_port or (free_port() if info.world == 1 else 0)
+        # torch reads these too (e.g. for the store of new groups); keep them consistent with ours
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
         dist.init_process_group(
             backend=backend,
-            rank=rank,
-            world_size=world,
+            init_method="env://",
+            rank=info.rank,
+            world_size=info.world,
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if backend == "nccl" else None,
         )
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device, backend=backend)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=info.local_rank, device=device,
+                    backend=backend, launcher=info.launcher, restart_count=info.restart_count)
 
 
 def destroy_distributed() -> None:
