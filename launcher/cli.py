@@ -41,6 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
         nproc = args.nproc or max(1, _default_nproc(cfg) // args.nnodes)
         world = nproc * args.nnodes
+        env = dict(os.environ)
+        # torchrun otherwise warns and sets 1 thread per rank; make the CPU split explicit instead.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         if args.dry_run:
             from seqpar.train.dry_run import dry_run_report
 
@@ -53,9 +56,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                 from seqpar.scatter.capacity import run_cost_model
 
                 run_cost_model(cfg, world, torch.device("cuda" if torch.cuda.is_available() else "cpu"), nproc)
-        cmd = torchrun_cmd(
-            args.config, args.overrides, nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id
-        )
+        if args.launcher == "mpi":
+            from seqpar.launcher.mpi import detect_flavor, find_mpiexec, mpiexec_cmd, mpiexec_version
+
+            if args.nnodes > 1:
+                raise ValueError("--launcher mpi takes --hosts, not --nnodes (--nproc counts ranks in all)")
+            mpiexec = find_mpiexec()
+            cmd = mpiexec_cmd(args.config, args.overrides, nproc, flavor=detect_flavor(mpiexec_version(mpiexec)),
+                              hosts=args.hosts, env=env, as_root=os.geteuid() == 0, mpiexec=mpiexec)
+        else:
+            if args.hosts:
+                raise ValueError("--hosts goes with --launcher mpi; torchrun takes --nnodes and --rdzv-endpoint")
+            cmd = torchrun_cmd(
+                args.config, args.overrides, nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id
+            )
     except (ConfigError, ParallelDimsError, ValueError) as e:
         return _error(str(e))
     if args.dry_run:
@@ -64,9 +78,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(format_cmd(cmd), flush=True)
     if args.print_cmd:
         return 0
-    env = dict(os.environ)
-    # torchrun otherwise warns and sets 1 thread per rank; make the CPU split explicit instead.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     from seqpar.launcher.forward import run_forwarding_signals
 
     return run_forwarding_signals(cmd, env)
@@ -123,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. configs/tiny-cpu.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.dp=2")
     p.add_argument("--nproc", type=int, default=0, help="processes on this node (default: dp x sp from the config, else GPUs or 1)")
-    p.add_argument("--print-cmd", action="store_true", help="print the torchrun command and exit")
+    p.add_argument("--print-cmd", action="store_true", help="print the torchrun (or mpiexec) command and exit")
+    p.add_argument("--launcher", choices=("torchrun", "mpi"), default="torchrun",
+                   help="torchrun (default) or mpi: mpiexec starts the ranks (MPICH or Open MPI; pip install -e '.[mpi]')")
+    p.add_argument("--hosts", default="", help="--launcher mpi: comma-separated hosts (default: this one)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node run (run the same command on each)")
     p.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the c10d rendezvous (multi-node), e.g. node0:29400")
     p.add_argument("--rdzv-id", default="seqpar", help="rendezvous id shared by the nodes of one job")

@@ -25,6 +25,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str
+    local_world: int = 1
     launcher: str = "single"
     restart_count: int = 0
 
@@ -91,7 +92,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistInf
             device_id=device if backend == "nccl" else None,
         )
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=info.local_rank, device=device,
-                    backend=backend, launcher=info.launcher, restart_count=info.restart_count)
+                    backend=backend, local_world=info.local_world, launcher=info.launcher, restart_count=info.restart_count)
 
 
 def destroy_distributed() -> None:

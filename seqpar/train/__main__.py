@@ -16,21 +16,22 @@ def main(argv: list[str] | None = None) -> int:
     from seqpar.config import ConfigError, load_config
     from seqpar.data.store import StoreError
     from seqpar.parallel.dims import ParallelDimsError
+    from seqpar.parallel.discover import LaunchEnvError
     from seqpar.train.errors import TrainingError
     from seqpar.train.trainer import train
 
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except (ConfigError, ParallelDimsError, StoreError) as e:
+    except (ConfigError, ParallelDimsError, StoreError, LaunchEnvError) as e:
         # Every rank hits the same error; one line from rank 0 is enough.
-        if os.environ.get("RANK", "0") == "0":
+        if _rank() == 0:
             print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
         return 2
     except TrainingError as e:
         from seqpar.train.errors import CollectiveFailure
 
-        if os.environ.get("RANK", "0") == "0" or isinstance(e, CollectiveFailure):
+        if _rank() == 0 or isinstance(e, CollectiveFailure):
             print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
         return 3
     finally:
@@ -38,6 +39,17 @@ def main(argv: list[str] | None = None) -> int:
 
         destroy_distributed()
     return 0
+
+
+def _rank() -> int:
+    """This process's rank as its launcher tells it (torchrun, Slurm, MPI); 0 when that is unreadable,
+    so that an inconsistent launch environment is still reported."""
+    from seqpar.parallel.discover import LaunchEnvError, discover
+
+    try:
+        return discover(os.environ, mpi_size=1).rank
+    except LaunchEnvError:
+        return 0
 
 
 def _exit(code: int) -> None:

@@ -120,7 +120,7 @@ class Trainer:
         self.step_data, self.source = open_data(cfg, self.info.local_rank)
         cfg.model.vocab_size = self.source.vocab_size
         self.dtype = compute_dtype(cfg, self.device)
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.info.world_size))
+        local_world = self.info.local_world
         self.memo_line = ""
         if cfg.memory.policy == "memo" and cfg.memory.alpha == "auto":
             self.memo_line = self._solve_memo_alpha(local_world)  # writes memory.alpha (saved with the run)
@@ -248,7 +248,7 @@ class Trainer:
         cfg = self.cfg
         layout = (f"world {self.info.world_size}, adaptive (groups chosen per micro-batch)" if cfg.adaptive
                   else self.dims.describe())
-        log.info(f"seqpar | {layout} | backend {self.info.backend} | device {self.device.type} | "
+        log.info(f"seqpar | {layout} | launcher {self.info.launcher} | backend {self.info.backend} | device {self.device.type} | "
                  f"fsdp {'on' if cfg.parallel.fsdp else 'off'} | data prefetch {'on' if cfg.data.prefetch else 'off'}")
         log.info(
             f"model {self.model.num_params() / 1e6:.2f}M params | data {self.source.description} | "
