@@ -3,6 +3,8 @@
     seqpar train configs/tiny-cpu.yaml --nproc 2            # torchrun --standalone, 2 ranks
     seqpar train configs/tiny-cpu.yaml train.steps=10 --print-cmd
     seqpar train configs/llama-1b-128k.yaml --dry-run --world-size 8   # validate the layout, launch nothing
+    seqpar train configs/tiny-cpu.yaml --launcher mpi --nproc 2           # mpiexec instead of torchrun
+    seqpar submit configs/tiny-cpu.yaml --nodes 1 --nproc-per-node 2 --gpus-per-node 0 --time 10   # Slurm
     seqpar data prepare corpus/ notes.jsonl --output data/mystore
     seqpar data decompose data/mystore --min-log2 8 --max-log2 13 --output data/mystore-dd
 """
@@ -168,9 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from seqpar.launcher.bench_cmd import add_bench_commands  # seqpar bench data
     from seqpar.launcher.plan_cmd import add_plan_commands  # seqpar plan, seqpar profile
+    from seqpar.launcher.submit_cmd import add_submit_command  # seqpar submit (Slurm)
 
     add_plan_commands(sub)
     add_bench_commands(sub)
+    add_submit_command(sub)
     return parser
 
 

@@ -49,7 +49,7 @@ from seqpar.train.faults import FaultInjector, Faults
 from seqpar.train.metrics import MetricsLogger, memory_gib
 from seqpar.train.microbatches import MicroBatchBuilder, StaticSP
 from seqpar.train.optim import build_optimizer, build_scheduler
-from seqpar.train.preemption import PreemptionFlag
+from seqpar.train.preemption import PreemptionFlag, write_status
 from seqpar.train.step import all_reduce_sum, bad_ranks, forward_backward_step, grad_norm
 
 __all__ = ["Trainer", "train", "TrainingError", "CollectiveFailure"]
@@ -293,7 +293,8 @@ class Trainer:
         from seqpar.hardware import format_mfu, peak_flops, resolve_profile
 
         cfg, info, groups, dims = self.cfg, self.info, self.groups, self.dims
-        latest = self.ckpt.latest()
+        # Rank 0 chooses: on a shared filesystem ranks can list different checkpoints right after a prune.
+        latest = broadcast_from_rank0(self.ckpt.latest() if info.rank == 0 else None, groups.world)
         if latest and not cfg.checkpoint.resume:  # before anything is written to the run directory
             raise ConfigError(
                 f"{self.run_dir} already holds checkpoints (newest {latest}) and checkpoint.resume=false; "
@@ -323,6 +324,9 @@ class Trainer:
         preempt = PreemptionFlag()
         records: list[dict] = []
         step = start_step
+        stopped = False
+        if self.is_main:
+            write_status(self.run_dir, "running", step)
         self.feed = feed = self.build_feed()
         try:
             feed.start(step, consumed)
@@ -397,6 +401,7 @@ class Trainer:
                     self.faults("after_save", step)
                 if stop:
                     log.info(f"{preempt.signal_name or 'signal'} received: checkpointed at step {step}; exiting")
+                    stopped = True
                     break
         except RuntimeError as e:
             if isinstance(e, TrainingError):
@@ -409,9 +414,20 @@ class Trainer:
             feed.close()
             preempt.restore()
             log.close()
+        if self.is_main:
+            write_status(self.run_dir, "preempted" if stopped else "done", step, signal=preempt.signal_name or None)
         if records:
             log.info(f"done: step {step}/{cfg.train.steps}, final loss {records[-1]['loss']:.4f}")
         return records
+
+
+def broadcast_from_rank0(value: str | None, group: dist.ProcessGroup) -> str | None:
+    """Rank 0's ``value`` on every rank of ``group`` (the world; collective, once per run)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 def train(cfg: Config) -> list[dict]:
