@@ -32,11 +32,14 @@ def _default_nproc(cfg) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from seqpar.config import ConfigError, load_config
+    from seqpar.data.store import StoreError
     from seqpar.launcher.torchrun import format_cmd, torchrun_cmd
     from seqpar.parallel.dims import ParallelDimsError
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.nproc is not None and args.nproc < 1:
+            raise ValueError(f"--nproc {args.nproc} must be >= 1 (leave it out for dp x sp from the config)")
         if args.nnodes < 1:
             raise ValueError(f"--nnodes={args.nnodes} must be >= 1")
         if args.nnodes > 1 and not args.rdzv_endpoint:
@@ -52,6 +55,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             report = dry_run_report(cfg, args.world_size or world)
         else:
             cfg.parallel_dims(world)  # the trainer's own validation, before any process starts
+            from seqpar.train.data_setup import check_data_path
+
+            check_data_path(cfg)
             if cfg.adaptive:  # the pool must hold data.seq_len; the profile must exist
                 import torch
 
@@ -72,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             cmd = torchrun_cmd(
                 args.config, args.overrides, nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id
             )
-    except (ConfigError, ParallelDimsError, ValueError) as e:
+    except (ConfigError, ParallelDimsError, StoreError, ValueError) as e:
         return _error(str(e))
     if args.dry_run:
         print(report, flush=True)
@@ -82,6 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from seqpar.launcher.forward import run_forwarding_signals
 
+    if args.launcher == "torchrun":  # the same torchrun, without its report after a rank's one-line error
+        cmd = [cmd[0], "-m", "seqpar.launcher.torchrun_quiet", *cmd[3:]]
     return run_forwarding_signals(cmd, env)
 
 
@@ -135,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (runs torchrun --standalone)")
     p.add_argument("config", help="YAML config, e.g. configs/tiny-cpu.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 parallel.dp=2")
-    p.add_argument("--nproc", type=int, default=0, help="processes on this node (default: dp x sp from the config, else GPUs or 1)")
+    p.add_argument("--nproc", type=int, default=None, help="processes on this node (default: dp x sp from the config, else GPUs or 1)")
     p.add_argument("--print-cmd", action="store_true", help="print the torchrun (or mpiexec) command and exit")
     p.add_argument("--launcher", choices=("torchrun", "mpi"), default="torchrun",
                    help="torchrun (default) or mpi: mpiexec starts the ranks (MPICH or Open MPI; pip install -e '.[mpi]')")

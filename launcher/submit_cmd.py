@@ -75,6 +75,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if any(c.isspace() for c in opts.run_dir + opts.workdir):
             raise ValueError(f"run directory {opts.run_dir!r} and working directory must not contain spaces (#SBATCH lines)")
         cfg.parallel_dims(args.nodes * args.nproc_per_node)  # the trainer's own validation, before anything is queued
+        from seqpar.train.data_setup import check_data_path
+
+        check_data_path(cfg)
         cfg.run.output_dir = opts.run_dir
         slurm_dir = os.path.join(opts.run_dir, "slurm")
         from dataclasses import replace

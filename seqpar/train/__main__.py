@@ -20,7 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     from seqpar.train.errors import TrainingError
     from seqpar.train.trainer import train
 
-    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
@@ -34,29 +33,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if _rank() == 0 or isinstance(e, CollectiveFailure):
             print(f"seqpar: error: {e}", file=sys.stderr, flush=True)
-        _failed(cfg, str(e))
         return 3
-    except BaseException as e:
-        _failed(cfg, f"{type(e).__name__}: {e}")
-        raise
     finally:
         from seqpar.parallel.init import destroy_distributed
 
         destroy_distributed()
     return 0
-
-
-def _failed(cfg, error: str) -> None:
-    """status.json says "failed" (a batch script must not requeue), when the run got as far as a run
-    directory; configuration errors never touch it."""
-    if cfg is None or _rank() != 0 or not os.path.isdir(cfg.run.output_dir):
-        return
-    from seqpar.train.preemption import read_status, write_status
-
-    try:
-        write_status(cfg.run.output_dir, "failed", int(read_status(cfg.run.output_dir).get("step", 0)), error=error[:500])
-    except OSError:
-        pass
 
 
 def _rank() -> int:

@@ -81,6 +81,25 @@ class StepData:
         return self.source.describe()
 
 
+def check_data_path(cfg: Config) -> None:
+    """What the launcher checks before any rank starts: ``data.path`` names a readable store (or a
+    decomposition for ``data.mode=decompose``). Raises ConfigError / StoreError, one line."""
+    if not cfg.data.path:
+        return
+    if cfg.data.mode == "decompose":
+        if not os.path.isdir(cfg.data.path):
+            raise ConfigError(f"data.path={cfg.data.path!r} is not a directory; data.mode=decompose needs the output of "
+                              "'seqpar data decompose STORE --output DIR'")
+        from seqpar.data.decompose import load_manifest
+
+        load_manifest(cfg.data.path)
+        return
+    prefix, _ = _store_prefix(cfg, 0)
+    from seqpar.data.store import TokenStore
+
+    TokenStore(prefix)  # reads the index header: a truncated or foreign .idx fails here, not on 64 ranks
+
+
 def _store_prefix(cfg: Config, local_rank: int) -> tuple[str, str]:
     if cfg.data.path:
         prefix = cfg.data.path

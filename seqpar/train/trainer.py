@@ -403,8 +403,10 @@ class Trainer:
                     log.info(f"{preempt.signal_name or 'signal'} received: checkpointed at step {step}; exiting")
                     stopped = True
                     break
-        except RuntimeError as e:
-            if isinstance(e, TrainingError):
+        except BaseException as e:
+            if self.is_main:  # the batch script must not requeue a run that failed
+                write_status(self.run_dir, "failed", step, error=f"{type(e).__name__}: {first_line(e)}"[:500])
+            if not isinstance(e, RuntimeError) or isinstance(e, TrainingError):
                 raise
             failure = collective_failure(e, info.rank, step + 1, cfg.parallel.timeout_s, self.ckpt.latest())
             if failure is None:
