@@ -59,11 +59,15 @@ def rank_info() -> RankInfo:
     return info
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0, flight_recorder: int = 0,
+                     dump_prefix: str = "") -> DistInfo:
     """Initialise the default process group (collective over all ranks).
 
     backend: "auto" picks NCCL when CUDA is available and gloo otherwise. The device is the local
-    rank's GPU (or GPU 0 when each rank sees one). Idempotent.
+    rank's GPU (or GPU 0 when each rank sees one). Under NCCL, ``timeout_s`` also sets the
+    watchdog's heartbeat, async error handling is on, and ``flight_recorder`` > 0 keeps that many
+    collectives per rank, dumped to ``dump_prefix`` + rank on a timeout (``seqpar.parallel.nccl``).
+    Idempotent.
     """
     info = rank_info()
     use_cuda = torch.cuda.is_available()
@@ -74,6 +78,12 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistInf
     if backend == "nccl" and not use_cuda:
         raise RuntimeError("backend nccl needs CUDA, but no GPU is visible; use backend gloo")
     if backend == "nccl":
+        from seqpar.parallel.nccl import nccl_environment
+
+        for key, value in nccl_environment(timeout_s, flight_recorder, dump_prefix).items():
+            os.environ.setdefault(key, value)  # read when the NCCL process group is created
+        if flight_recorder and dump_prefix:
+            os.makedirs(os.path.dirname(dump_prefix), exist_ok=True)
         device = torch.device("cuda", device_index(info.local_rank, info.local_world, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     else:

@@ -143,10 +143,12 @@ class ParallelConfig:
     algorithm: str = "auto"  # ring | ulysses | hybrid | adaptive (per-micro-batch groups, see scatter); auto picks from the degrees
     layout: str = "auto"  # zigzag | contiguous; auto: contiguous for ulysses, zigzag for ring and hybrid
     fsdp: bool = True  # shard parameters, gradients and optimizer state over dp x sp; false replicates
-    timeout_s: float = 600.0  # collective timeout: a dead rank fails the job instead of hanging it
+    timeout_s: float = 600.0  # collective timeout: a dead rank fails the job instead of hanging it (NCCL: + heartbeat)
+    flight_recorder: int = 0  # NCCL: keep each rank's last N collectives, dumped to RUN_DIR/flight_recorder/ on a timeout
 
     def __post_init__(self) -> None:
         _check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be positive")
+        _check(self.flight_recorder >= 0, f"parallel.flight_recorder={self.flight_recorder} must be >= 0 (0: off)")
         _check(self.dp == -1 or self.dp >= 1, f"parallel.dp={self.dp} must be >= 1, or -1 to fill the world size")
         for key in ("sp", "ulysses", "ring"):
             _check(getattr(self, key) >= 1, f"parallel.{key}={getattr(self, key)} must be >= 1")

@@ -17,7 +17,9 @@ class CollectiveFailure(TrainingError):
 def collective_failure(e: RuntimeError, rank: int, step: int, timeout_s: float, last: str | None) -> TrainingError | None:
     """The one-line error for a backend exception that means a stuck or dead peer, else None.
 
-    gloo raises plain RuntimeErrors (NCCL DistBackendErrors), so the message text decides.
+    gloo raises plain RuntimeErrors and NCCL DistBackendErrors (also RuntimeErrors), so the message
+    text decides: a timeout (gloo's, or NCCL's watchdog: "Watchdog caught collective operation
+    timeout"), or a lost peer (gloo's closed connection, NCCL's remote error or aborted communicator).
     """
     text = str(e).lower()
     resume = f"last checkpoint: {last or 'none'} (rerun the same command to resume)"
@@ -26,7 +28,8 @@ def collective_failure(e: RuntimeError, rank: int, step: int, timeout_s: float, 
             f"rank {rank}: a collective timed out at step {step} after parallel.timeout_s={timeout_s:g} s: another "
             f"rank stalled or died; {resume}; raise parallel.timeout_s if steps are legitimately that slow"
         )
-    if "connection closed by peer" in text or "connection reset" in text:
+    nccl_lost = "nccl" in text and any(w in text for w in ("remote", "aborted", "unhandled system error", "communicator"))
+    if "connection closed by peer" in text or "connection reset" in text or nccl_lost:
         return CollectiveFailure(f"rank {rank}: lost a peer at step {step}: another rank failed or was stopped "
                                  f"(see its error); {resume}")
     return None

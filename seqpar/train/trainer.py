@@ -110,7 +110,8 @@ class Trainer:
     def __init__(self, cfg: Config, model_policies: Sequence[ModelPolicy] | None = None,
                  faults: FaultInjector | None = None) -> None:
         self.cfg = cfg
-        self.info = init_distributed(timeout_s=cfg.parallel.timeout_s)
+        self.info = init_distributed(timeout_s=cfg.parallel.timeout_s, flight_recorder=cfg.parallel.flight_recorder,
+                                     dump_prefix=os.path.join(os.path.abspath(cfg.run.output_dir), "flight_recorder", "rank_"))
         self.dims = cfg.parallel_dims(self.info.world_size)
         extra = adaptive_shapes(self.info.world_size) if cfg.adaptive else ()
         self.groups = build_groups(self.dims, self.info.device.type, extra)
