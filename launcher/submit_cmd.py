@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -80,8 +81,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         check_data_path(cfg)
         cfg.run.output_dir = opts.run_dir
         slurm_dir = os.path.join(opts.run_dir, "slurm")
-        from dataclasses import replace
-
         opts = replace(opts, config=os.path.join(slurm_dir, "config.yaml"),
                        gpus_per_node=_gpus_per_node(args.gpus_per_node, args.nproc_per_node))
         with open(args.template or TEMPLATE) as f:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from seqpar.parallel.discover import RankInfo, device_index, discover
+from seqpar.parallel.mpi import broadcast_rendezvous, mpi_world_size, under_mpi  # mpi4py itself only on use
 
 
 @dataclass(frozen=True)
@@ -39,21 +40,12 @@ def free_port() -> int:
 
 def rank_info() -> RankInfo:
     """``discover(os.environ)``, asking MPI for what only it knows (PMIx's world size, rank 0's address)."""
-    from seqpar.parallel.mpi import under_mpi
-
     env = os.environ
-    mpi = under_mpi(env)
     mpi_size = None
-    if mpi and env.get("PMIX_RANK") and not (env.get("SLURM_STEP_NUM_TASKS") or env.get("OMPI_COMM_WORLD_SIZE")):
-        from seqpar.parallel.mpi import mpi_world_size
-
+    if under_mpi(env) and env.get("PMIX_RANK") and not (env.get("SLURM_STEP_NUM_TASKS") or env.get("OMPI_COMM_WORLD_SIZE")):
         mpi_size = mpi_world_size()
     info = discover(env, mpi_size)
     if info.launcher in ("openmpi", "mpich", "pmix") and info.world > 1 and not info.master_addr:
-        from dataclasses import replace
-
-        from seqpar.parallel.mpi import broadcast_rendezvous
-
         addr, port = broadcast_rendezvous(info.rank, info.world, info.master_port)
         info = replace(info, master_addr=addr, master_port=port)
     return info
