@@ -178,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from seqpar.launcher.bench_cmd import add_bench_commands  # seqpar bench data
     from seqpar.launcher.plan_cmd import add_plan_commands  # seqpar plan, seqpar profile
+    from seqpar.launcher.export_cmd import add_export_commands  # seqpar export hf
     from seqpar.launcher.submit_cmd import add_submit_command  # seqpar submit (Slurm)
 
     add_plan_commands(sub)
     add_bench_commands(sub)
     add_submit_command(sub)
+    add_export_commands(sub)
     return parser
 
 

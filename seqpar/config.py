@@ -58,10 +58,17 @@ class ModelConfig:
     ffn_multiple_of: int = 32
     vocab_size: int = 0  # 0 -> taken from the tokenizer / data store metadata
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | llama3 (Llama 3.1's frequency-dependent scaling of the RoPE frequencies)
+    rope_factor: float = 8.0  # llama3: low frequencies slow down by this factor
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / low_freq_factor are scaled fully
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / high_freq_factor are kept
+    rope_original_max_positions: int = 8192  # llama3: the context the frequencies were trained for
+    head_dim: int = 0  # 0 -> dim / n_heads; Hugging Face models may set another (q/k/v width = heads x head_dim)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
     init_std: float = 0.02
+    init_from: str = ""  # a Hugging Face Llama directory (config.json + safetensors): its shapes and weights
 
     def __post_init__(self) -> None:
         for key in ("dim", "n_layers", "n_heads", "ffn_multiple_of"):
@@ -72,8 +79,19 @@ class ModelConfig:
             self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
             f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}",
         )
-        _check(self.dim % self.n_heads == 0, f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
-        _check((self.dim // self.n_heads) % 2 == 0, f"head_dim=model.dim/model.n_heads={self.dim // self.n_heads} must be even for RoPE")
+        if self.head_dim == 0:
+            _check(self.dim % self.n_heads == 0, f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads} "
+                   "(or set model.head_dim)")
+            self.head_dim = self.dim // self.n_heads
+        _check(self.head_dim > 0 and self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be positive and even for RoPE")
+        _choice("model.rope_scaling", self.rope_scaling, ("none", "llama3"))
+        if self.rope_scaling == "llama3":
+            _check(self.rope_factor >= 1, f"model.rope_factor={self.rope_factor} must be >= 1")
+            _check(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                   f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be positive and below "
+                   f"model.rope_high_freq_factor={self.rope_high_freq_factor}")
+            _check(self.rope_original_max_positions > 0,
+                   f"model.rope_original_max_positions={self.rope_original_max_positions} must be positive")
         if self.ffn_dim == 0:
             hidden = int(8 * self.dim / 3)
             m = self.ffn_multiple_of
@@ -83,8 +101,11 @@ class ModelConfig:
         _check(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be positive")
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def llama3_rope(self) -> tuple[float, float, float, int] | None:
+        """(factor, low_freq_factor, high_freq_factor, original max positions) under llama3 scaling, else None."""
+        if self.rope_scaling != "llama3":
+            return None
+        return self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_max_positions
 
 
 DATA_MODES = ("concat_chunk", "pack", "decompose", "varlen")

@@ -141,7 +141,7 @@ def measure_forward_s(block: torch.nn.Module, m: ModelConfig, tokens: int, devic
     ctx = AttnContext(positions=positions, doc_ids=torch.zeros(tokens, dtype=torch.int32, device=device),
                       cu_seqlens=torch.tensor([0, tokens], dtype=torch.int32, device=device),
                       host_cu=np.array([0, tokens], dtype=np.int64))
-    cos, sin = rope_tables(positions, m.head_dim, m.rope_theta)
+    cos, sin = rope_tables(positions, m.head_dim, m.rope_theta, m.llama3_rope)
     x = torch.randn(tokens, m.dim, device=device, dtype=dtype)
     times = []
     with torch.no_grad():

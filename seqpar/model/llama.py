@@ -33,9 +33,27 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables for the given positions: [T] int -> two fp32 tensors [T, head_dim / 2]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, llama3: tuple[float, float, float, int] | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """RoPE's frequencies [head_dim / 2] fp64; with ``llama3`` = (factor, low_freq_factor,
+    high_freq_factor, original max positions), Llama 3.1's scaling: wavelengths longer than
+    original / low_freq_factor slow down by ``factor``, shorter than original / high_freq_factor stay,
+    and those between are interpolated smoothly."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    if llama3 is None:
+        return inv_freq
+    factor, low, high, original = llama3
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: fully scaled, 1: kept
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > original / low, inv_freq / factor, torch.where(wavelen < original / high, inv_freq, scaled))
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                llama3: tuple[float, float, float, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables for the given positions: [T] int -> two fp32 tensors [T, head_dim / 2]
+    (computed in fp64; ``llama3``: see ``rope_inv_freq``)."""
+    inv_freq = rope_inv_freq(head_dim, theta, llama3, positions.device)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     return angles.cos().float(), angles.sin().float()
 
@@ -156,7 +174,7 @@ class Transformer(nn.Module):
         """Logits [T, vocab] fp32, or with ``labels`` ([T] int64, -100: no target) the fp32 sum of
         token cross-entropy computed over token chunks (``seqpar.memory.chunked_loss``), so the
         full logits never exist."""
-        cos, sin = rope_tables(ctx.positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_tables(ctx.positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.llama3_rope)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:  # memory policies (activation checkpointing) are applied from outside
             x = layer(x, cos, sin, ctx)
