@@ -478,7 +478,27 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def config_from_dict(data: dict) -> Config:
     """Build and validate a :class:`Config` from a nested dict (as read from YAML)."""
-    return _build(Config, data, "")
+    return _build(Config, _with_init_from(data), "")
+
+
+def _with_init_from(data: dict) -> dict:
+    """``model.init_from: PATH``: the model's shapes come from PATH/config.json (a Hugging Face
+    Llama); a key the run sets to another value is an error, not silently overridden."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("init_from"):
+        return data
+    from seqpar.model.hf import HFConfigError, model_keys, read_hf_config
+
+    path = str(model["init_from"])
+    try:
+        keys = model_keys(read_hf_config(path), os.path.join(path, "config.json"))
+    except HFConfigError as e:
+        raise ConfigError(f"model.init_from={path!r}: {e}") from None
+    for key, value in keys.items():
+        if key in model and model[key] not in ("", None) and _coerce(f"model.{key}", model[key], type(value)) != value:
+            raise ConfigError(f"model.{key}={model[key]!r} conflicts with model.init_from={path!r} ({key} {value!r} "
+                              f"in its config.json); remove model.{key} from the run's config")
+    return {**data, "model": {**model, **keys}}
 
 
 # ---------------------------------------------------------------------------------------------

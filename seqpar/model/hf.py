@@ -255,3 +255,38 @@ def load_checkpoint_model(checkpoint: str):
         warnings.filterwarnings("ignore", message=".*load in a single process.*")
         dcp.load({"model": model.state_dict()}, checkpoint_id=checkpoint, no_dist=True)
     return model
+
+
+@torch.no_grad()
+def load_rows(model, path: str) -> int:
+    """Fill ``model``'s parameters (plain, or FSDP2 ``Shard(0)`` / ``Replicate`` DTensors, already
+    allocated) from the Hugging Face checkpoint in ``path``: each rank reads only its own rows of
+    each tensor (``safe_open(...).get_slice``), so no rank ever holds a full copy. Returns the
+    elements read. Not collective."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    from seqpar.model.init import canonical_name, local_rows
+
+    files = weight_files(path)
+    read = 0
+    with ExitStack() as stack:
+        opened: dict = {}
+        for raw, p in model.named_parameters():  # a tied parameter comes once, under its first name
+            name = hf_name(canonical_name(raw))
+            if name not in files:
+                raise HFConfigError(f"{path}: the checkpoint has no tensor {name!r}")
+            if files[name] not in opened:
+                opened[files[name]] = stack.enter_context(safe_open(files[name], framework="pt"))
+            sl = opened[files[name]].get_slice(name)
+            if list(sl.get_shape()) != list(p.shape):
+                raise HFConfigError(f"{path}: {name} has shape {list(sl.get_shape())}, the model {list(p.shape)}")
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if local.numel() == 0:
+                continue
+            lo, hi = local_rows(p)
+            local.copy_(sl[lo:hi])
+            read += local.numel()
+    return read

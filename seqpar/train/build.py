@@ -29,6 +29,7 @@ def build_model(
     fsdp_mesh: DeviceMesh | None = None,
     param_dtype: torch.dtype | None = None,
     policies: Sequence[Callable[[Transformer], None]] = (),
+    init_from: str = "",
 ) -> Transformer:
     """The model on this rank, with fp32 parameters initialised from ``seed``.
 
@@ -38,7 +39,8 @@ def build_model(
     parameters, None keeps fp32; ignored without FSDP, where the trainer autocasts). Then only the local storage is allocated on
     ``device`` (a rank's ``Shard(0)`` rows of each parameter, ``torch.chunk`` split, so about
     1/world of the model; all of it without FSDP) and filled by
-    :func:`seqpar.model.init.init_parameters`: the full value of every parameter is a function of
+    :func:`seqpar.model.init.init_parameters` (or, with ``init_from``, read from a Hugging Face
+    checkpoint, again only this rank's rows): the full value of every parameter is a function of
     (seed, name, shape) only, so sharded, replicated and single-process models are bitwise equal
     and replicas agree without a broadcast.
 
@@ -63,7 +65,12 @@ def build_model(
     if any(True for _ in model.buffers()):
         names = [n for n, _ in model.named_buffers()]
         raise NotImplementedError(f"build_model leaves buffers uninitialised after to_empty: {names}; initialise them here")
-    init_parameters(model, seed, model.init_rule)
+    if init_from:  # a Hugging Face checkpoint: each rank reads its own rows (seqpar.model.hf.load_rows)
+        from seqpar.model.hf import load_rows
+
+        load_rows(model, init_from)
+    else:
+        init_parameters(model, seed, model.init_rule)
     return model
 
 

@@ -40,6 +40,12 @@ def _vocab(cfg: Config, meta: dict, max_id: int, where: str) -> tuple[int, int |
 
     eot_id = meta.get("eot_id")
     vocab = cfg.model.vocab_size
+    if cfg.model.init_from and int(meta.get("vocab_size", 0)) > vocab:
+        raise StoreError(
+            f"{where}: its tokenizer has {meta['vocab_size']} tokens but model.init_from={cfg.model.init_from!r} has "
+            f"vocab_size {vocab}; prepare the data with the checkpoint's tokenizer "
+            f"(seqpar data prepare ... --tokenizer {os.path.join(cfg.model.init_from, 'tokenizer.json')})"
+        )
     if vocab == 0:
         if "vocab_size" in meta:
             vocab = int(meta["vocab_size"])

@@ -183,7 +183,7 @@ class Trainer:
         mesh = self.groups.dp_sp_mesh if cfg.parallel.fsdp else None
         param_dtype = self.dtype if self.dtype != torch.float32 else None
         model = build_model(cfg.model, attention, self.device, cfg.run.seed, fsdp_mesh=mesh, param_dtype=param_dtype,
-                            policies=policies)
+                            policies=policies, init_from=cfg.model.init_from)
         model.loss_chunk_tokens = cfg.memory.loss_chunk_tokens  # the LM head + loss over token chunks
         return model
 
