@@ -99,10 +99,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     exts = tuple(e if e.startswith(".") else "." + e for e in args.extensions.split(",")) if args.extensions else None
     try:
+        from seqpar.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer, eot_id=args.eot_id, eot_token=args.eot_token or None)
         stats = prepare(
             args.inputs,
             args.output,
-            args.tokenizer,
+            tokenizer,
             jsonl_key=args.jsonl_key,
             append_eot=not args.no_eot,
             extensions=exts,
@@ -110,7 +113,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         )
     except (StoreError, ValueError, FileNotFoundError) as e:
         return _error(str(e))
-    print(f"wrote {stats['output']}.bin/.idx: {stats['num_docs']:,} documents, {stats['num_tokens']:,} tokens")
+    eot = f"{tokenizer.eot_token!r} (id {tokenizer.eot_id}, {tokenizer.eot_source})" if hasattr(tokenizer, "eot_source") \
+        else f"id {tokenizer.eot_id} (byte tokenizer)"
+    print(f"wrote {stats['output']}.bin/.idx: {stats['num_docs']:,} documents, {stats['num_tokens']:,} tokens; "
+          f"end-of-text {eot}{'' if not args.no_eot else ', not appended (--no-eot)'}")
     return 0
 
 
@@ -163,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl-key", default="text", help="JSONL field that holds the text (default: text)")
     p.add_argument("--extensions", default="", help="only files with these endings in directories, e.g. py,md")
     p.add_argument("--no-eot", action="store_true", help="do not append the end-of-text token to documents")
+    p.add_argument("--eot-token", default="", help="end-of-text token (default: the tokenizer's eos_token from "
+                   "tokenizer_config.json or config.json, else the first of <|endoftext|>, </s>, <|end_of_text|>, <eos>)")
+    p.add_argument("--eot-id", type=int, default=None, help="end-of-text id (overrides --eot-token)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("decompose", help="split a store's documents into power-of-two length buckets (dataset decomposition)")

@@ -186,6 +186,8 @@ def prepare(inputs: list[str], output: str, tokenizer: str | AnyTokenizer = "byt
         "tokenizer_spec": tok.path or tok.name,  # what load_tokenizer() takes to rebuild it
         "vocab_size": int(tok.vocab_size),
         "eot_id": int(tok.eot_id),
+        "eot_token": getattr(tok, "eot_token", None),  # the HF tokenizer's; None for bytes
+        "eot_source": getattr(tok, "eot_source", "byte tokenizer"),
         "append_eot": bool(append_eot),
         "num_docs": stats["num_docs"],
         "num_tokens": stats["num_tokens"],

@@ -196,7 +196,9 @@ def write_store(prefix: str, docs: Iterable[np.ndarray], vocab_size: int) -> dic
     The dtype is ``DType.optimal_dtype(vocab_size)`` (uint16 below 65,500, else int32), as in
     Megatron. Files are written under ``prefix.tmp-<pid>`` and moved into place with
     ``os.replace``: the ``.bin`` first, the ``.idx`` last, so a reader never finds an index
-    without its data. Empty documents carry no tokens and are skipped.
+    without its data. An empty array is skipped; ``seqpar data prepare`` appends the EOT token to
+    every document first, so an empty input document becomes one EOT token (and is skipped only
+    with ``--no-eot``).
 
     Args:
         docs: iterable of integer arrays [n_i]; every id must lie in [0, vocab_size).

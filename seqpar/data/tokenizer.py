@@ -9,6 +9,7 @@ Nothing here downloads anything: an ``HFTokenizer`` is always read from a local 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable
 
@@ -66,7 +67,7 @@ class HFTokenizer:
 
     name: str = "hf"
 
-    def __init__(self, path: str, eot_id: int | None = None) -> None:
+    def __init__(self, path: str, eot_id: int | None = None, eot_token: str | None = None) -> None:
         from tokenizers import Tokenizer  # light import, kept local so ``byte`` users skip it
 
         if os.path.isdir(path):
@@ -81,11 +82,19 @@ class HFTokenizer:
             raise ValueError(f"cannot load {self.path} as a Hugging Face tokenizer.json: "
                              f"{exc}") from exc
         self.vocab_size: int = int(self._tok.get_vocab_size(with_added_tokens=True))
+        self.eot_source = "given id"
+        if eot_id is None and eot_token is not None:
+            eot_id = self._tok.token_to_id(eot_token)
+            if eot_id is None:
+                raise ValueError(f"end-of-text token {eot_token!r} is not in {self.path}")
+            self.eot_source = "given token"
+        if eot_id is None:
+            eot_id, self.eot_source = self._configured_eos()
         if eot_id is None:
             for tok in EOT_CANDIDATES:
                 found = self._tok.token_to_id(tok)
                 if found is not None:
-                    eot_id = int(found)
+                    eot_id, self.eot_source = int(found), f"first of {list(EOT_CANDIDATES)}"
                     break
             else:
                 raise ValueError(f"{self.path} has none of the end-of-text tokens "
@@ -94,6 +103,33 @@ class HFTokenizer:
             raise ValueError(f"eot_id={eot_id} is outside the vocabulary [0, {self.vocab_size}) "
                              f"of {self.path}")
         self.eot_id: int = int(eot_id)
+
+    def _configured_eos(self) -> tuple[int | None, str]:
+        """The tokenizer's own end-of-sequence token, as Megatron's Hugging Face tokenizer sees it:
+        ``tokenizer_config.json``'s ``eos_token`` beside the ``tokenizer.json``, else the model's
+        ``config.json``'s ``eos_token_id`` (the first, when it is a list)."""
+        folder = os.path.dirname(self.path)
+        tc = os.path.join(folder, "tokenizer_config.json")
+        if os.path.isfile(tc):
+            with open(tc) as f:
+                eos = json.load(f).get("eos_token")
+            if isinstance(eos, dict):  # {"content": "</s>", ...}
+                eos = eos.get("content")
+            if isinstance(eos, str) and self._tok.token_to_id(eos) is not None:
+                return int(self._tok.token_to_id(eos)), f"eos_token of {tc}"
+        mc = os.path.join(folder, "config.json")
+        if os.path.isfile(mc):
+            with open(mc) as f:
+                eos_id = json.load(f).get("eos_token_id")
+            if isinstance(eos_id, list):
+                eos_id = eos_id[0] if eos_id else None
+            if isinstance(eos_id, int):
+                return eos_id, f"eos_token_id of {mc}"
+        return None, ""
+
+    @property
+    def eot_token(self) -> str | None:
+        return self._tok.id_to_token(self.eot_id)
 
     def encode(self, text: str) -> np.ndarray:
         """Encode ``text``: int64 [n], no special tokens added, no EOT."""
@@ -111,19 +147,21 @@ class HFTokenizer:
 AnyTokenizer = ByteTokenizer | HFTokenizer
 
 
-def load_tokenizer(spec: str = "byte", eot_id: int | None = None) -> AnyTokenizer:
+def load_tokenizer(spec: str = "byte", eot_id: int | None = None, eot_token: str | None = None) -> AnyTokenizer:
     """Build a tokenizer from a spec string.
 
     Args:
         spec: ``"byte"``, or a path to a local ``tokenizer.json`` or a directory containing one.
-        eot_id: explicit end-of-text id (HF only; the byte tokenizer's is always 256).
+        eot_id, eot_token: the end-of-text token (HF only; the byte tokenizer's is always 256). By
+            default a ``tokenizer.json``'s is its own ``eos_token`` (``tokenizer_config.json`` beside
+            it, else ``config.json``'s ``eos_token_id``), else the first of ``EOT_CANDIDATES``.
     """
     if spec == "byte":
-        if eot_id is not None and eot_id != ByteTokenizer.eot_id:
-            raise ValueError(f"the byte tokenizer's eot_id is fixed at 256, got eot_id={eot_id}")
+        if (eot_id is not None and eot_id != ByteTokenizer.eot_id) or eot_token is not None:
+            raise ValueError(f"the byte tokenizer's end-of-text id is fixed at 256, got {eot_token or eot_id!r}")
         return ByteTokenizer()
     if os.path.isfile(spec) or os.path.isfile(os.path.join(spec, "tokenizer.json")):
-        return HFTokenizer(spec, eot_id=eot_id)
+        return HFTokenizer(spec, eot_id=eot_id, eot_token=eot_token)
     raise ValueError(f"unknown tokenizer {spec!r}: use 'byte' or a path to a local "
                      "tokenizer.json (or a directory containing one)")
 
