@@ -27,9 +27,9 @@ def test_each_profile_loads(name):
     prof = load_profile(name)
     assert prof.name == name
     assert set(DTYPES) <= set(prof.peak_tflops)
-    # Extra keys are for later consumers (the adaptive-scattering cost model reads these);
-    # anything else is a typo.
-    consumers = {"alltoall_bw_gbps", "p2p_bw_gbps", "gpus_per_node", "scatter_compute"}
+    # Extra keys are for later consumers (the adaptive-scattering cost model reads the bandwidths,
+    # the dry run's MEMO alpha LP reads host_bw_gbps); anything else is a typo.
+    consumers = {"alltoall_bw_gbps", "p2p_bw_gbps", "gpus_per_node", "scatter_compute", "host_bw_gbps"}
     assert set(prof.extra) <= consumers, f"unexpected keys in {name}.yaml (a typo?): {set(prof.extra) - consumers}"
     assert os.path.basename(prof.source) == f"{name}.yaml"
 
