@@ -114,7 +114,7 @@ CURRICULA = ("uniform", "grow_linear", "grow_p2")
 
 @dataclass
 class DataConfig:
-    path: str = ""  # store prefix (PREFIX.bin/.idx), or the output dir of `seqpar data decompose` for mode decompose
+    path: str = ""  # store prefix (PREFIX.bin/.idx), a blend "0.3 data/a 0.7 data/b" (or a YAML list of {weight, path}), or the output dir of `seqpar data decompose` for mode decompose
     mode: str = "pack"
     seq_len: int = 1024  # tokens per micro-batch stream before SP sharding (decompose: 2^max_log2 targets)
     tokens_per_step: int = 8192  # global tokens per optimizer step, all ranks and micro-batches
@@ -127,6 +127,15 @@ class DataConfig:
     prefetch: bool = True  # build the next step's data in a background thread while this step trains
 
     def __post_init__(self) -> None:
+        if len(self.path.split()) > 1:  # a blend "0.3 data/a 0.7 data/b" (or a path with spaces)
+            from seqpar.data.blend import BlendError, parse_blend
+
+            try:
+                blend = parse_blend(self.path)
+            except BlendError as e:
+                raise ConfigError(str(e)) from None
+            _check(blend is None or self.mode in ("pack", "concat_chunk"), f"data.mode={self.mode} does not take a "
+                   "weighted data.path (a blend) yet; use data.mode=pack or concat_chunk")
         _choice("data.mode", self.mode, DATA_MODES)
         _choice("data.curriculum_rule", self.curriculum_rule, ("paper", "released"))
         _check(self.cycles >= 1, f"data.cycles={self.cycles} must be >= 1")
@@ -478,7 +487,20 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def config_from_dict(data: dict) -> Config:
     """Build and validate a :class:`Config` from a nested dict (as read from YAML)."""
-    return _build(Config, _with_init_from(data), "")
+    return _build(Config, _with_blend_string(_with_init_from(data)), "")
+
+
+def _with_blend_string(data: dict) -> dict:
+    """``data.path`` as a YAML list of ``{weight, path}`` -> Megatron's "0.3 data/a 0.7 data/b"."""
+    d = data.get("data")
+    if not isinstance(d, dict) or not isinstance(d.get("path"), list):
+        return data
+    from seqpar.data.blend import BlendError, blend_from_list
+
+    try:
+        return {**data, "data": {**d, "path": blend_from_list(d["path"])}}
+    except BlendError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _with_init_from(data: dict) -> dict:

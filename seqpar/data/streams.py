@@ -248,6 +248,14 @@ class PackedStreams:
         return e, i - self._epoch_starts[e]
 
     # -- access --------------------------------------------------------------------------
+    def stream_tokens(self, i: int) -> int:
+        """Tokens in stream ``i`` (from the plan: nothing is read)."""
+        if self.mode == "concat_chunk":
+            return self.seq_len
+        epoch, j = self.locate(i)
+        plan = self._plan(epoch)
+        return int(plan.length[int(plan.ptr[j]):int(plan.ptr[j + 1])].sum())
+
     def __getitem__(self, i: int) -> Stream:
         """Stream ``i`` (any i >= 0): tokens int64 [T <= seq_len], cu_seqlens int32 [n + 1]."""
         epoch, j = self.locate(i)

@@ -100,10 +100,11 @@ def check_data_path(cfg: Config) -> None:
 
         load_manifest(cfg.data.path)
         return
-    prefix, _ = _store_prefix(cfg, 0)
     from seqpar.data.store import TokenStore
 
-    TokenStore(prefix)  # reads the index header: a truncated or foreign .idx fails here, not on 64 ranks
+    blend = _blend(cfg)
+    for _, path in blend or [(1.0, _store_prefix(cfg, 0)[0])]:
+        TokenStore(path)  # reads the index header: a truncated or foreign .idx fails here, not on 64 ranks
 
 
 def _store_prefix(cfg: Config, local_rank: int) -> tuple[str, str]:
@@ -162,10 +163,47 @@ def _decomposed(cfg: Config, per_step_tokens: int) -> tuple[StepData, DataSource
     return StepData(batches, base_batch, by_step=True), source
 
 
+def _blend(cfg: Config) -> list[tuple[float, str]] | None:
+    from seqpar.data.blend import parse_blend
+
+    return parse_blend(cfg.data.path) if cfg.data.path else None
+
+
+def _blended(cfg: Config, blend: list[tuple[float, str]]) -> tuple[StepData, DataSource]:
+    """Streams of a weighted blend of stores (``seqpar.data.blend``); the stores must share a tokenizer."""
+    from seqpar.data.blend import BlendedStreams
+    from seqpar.data.prepare import read_metadata
+    from seqpar.data.store import StoreError, TokenStore
+    from seqpar.data.streams import PackedStreams
+
+    parts, metas, names = [], [], []
+    for weight, path in blend:
+        store = TokenStore(path)
+        meta = read_metadata(store.prefix) or {}
+        tok = (meta.get("tokenizer_spec"), meta.get("vocab_size"), meta.get("eot_id"))
+        if metas and tok != metas[0][1]:
+            raise StoreError(f"data.path blend: {store.prefix} was made with tokenizer {tok[0]!r} (vocab {tok[1]}, "
+                             f"end-of-text {tok[2]}) but {names[0]} with {metas[0][1][0]!r} (vocab {metas[0][1][1]}, "
+                             f"end-of-text {metas[0][1][2]}); prepare every store of a blend with one tokenizer")
+        metas.append((store, tok))
+        names.append(store.prefix)
+        parts.append((weight, PackedStreams(store, mode=cfg.data.mode, seq_len=cfg.data.seq_len, seed=cfg.run.seed,
+                                            doc_mask=cfg.data.doc_mask)))
+    max_id = max(store.max_token_id() for store, _ in metas)
+    vocab, eot = _vocab(cfg, read_metadata(names[0]) or {}, max_id, names[0])
+    streams = BlendedStreams(parts, names)
+    run_streams = cfg.train.steps * cfg.data.streams_per_step
+    return (StepData(streams, cfg.data.streams_per_step, by_step=False),
+            DataSource(cfg.data.path, vocab, eot, streams.shares_line(run_streams)))
+
+
 def open_data(cfg: Config, local_rank: int) -> tuple[StepData, DataSource]:
     """The run's StepData and vocabulary. Collective: local rank 0 builds the embedded corpus first."""
     if cfg.data.mode == "decompose":
         return _decomposed(cfg, cfg.data.tokens_per_step)
+    blend = _blend(cfg)
+    if blend is not None:
+        return _blended(cfg, blend)
     from seqpar.data.prepare import read_metadata
     from seqpar.data.store import TokenStore
     from seqpar.data.streams import PackedStreams

@@ -1,0 +1,109 @@
+"""Weighted blends of stores (Megatron's largest-deficit rule on tokens): the realised token shares
+stay within one stream of the weights after every stream, deterministically; a resumed run continues
+the same sequence; stores with different tokenizers are a one-line error."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+
+from seqpar.config import ConfigError, load_config
+from seqpar.data.blend import BlendedStreams, BlendError, parse_blend
+from seqpar.data.streams import PackedStreams
+from tests.launcher.test_cli import REPO
+
+
+@pytest.fixture(scope="module")
+def second_store(tmp_path_factory):
+    from seqpar.data.prepare import prepare
+
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "logging", "*.py")))
+    prefix = str(tmp_path_factory.mktemp("blend") / "logging")
+    prepare(files, prefix, "byte", progress=False)
+    return prefix
+
+
+def test_parse_blend():
+    assert parse_blend("data/a") is None and parse_blend("") is None
+    assert parse_blend("3 a 1 b") == [(0.75, "a"), (0.25, "b")]
+    for bad, match in [("0.3 a 0.7", "alternates weights and paths"), ("0.3 a x b", "'x' is not a weight"),
+                       ("0.3 a -1 b", "must be positive")]:
+        with pytest.raises(BlendError, match=match):
+            parse_blend(bad)
+
+
+def test_yaml_list_and_bad_blends_in_the_config():
+    cfg = load_config("configs/tiny-cpu.yaml", ["data.path=[{weight: 0.3, path: a}, {weight: 0.7, path: b}]"])
+    assert cfg.data.path == "0.3 a 0.7 b"
+    with pytest.raises(ConfigError, match=r"data.path\[1\]=.* must be a mapping with exactly the keys weight and path"):
+        load_config("configs/tiny-cpu.yaml", ["data.path=[{weight: 0.3, path: a}, {w: 0.7, path: b}]"])
+    with pytest.raises(ConfigError, match="data.mode=varlen does not take a weighted data.path"):
+        load_config("configs/tiny-cpu.yaml", ["data.path=0.3 a 0.7 b", "data.mode=varlen"])
+
+
+@pytest.mark.parametrize("mode", ["pack", "concat_chunk"])
+def test_shares_are_within_one_stream_after_every_stream(small_store, second_store, mode):
+    def blend():
+        parts = [(w, PackedStreams(p, mode=mode, seq_len=256, seed=3)) for w, p in [(0.3, small_store), (0.7, second_store)]]
+        return BlendedStreams(parts)
+
+    b = blend()
+    n = 600
+    which = np.array([b.source_of(i)[0] for i in range(n)])
+    lengths = np.array([b.parts[k].stream_tokens(j) for k, j in (b.source_of(i) for i in range(n))])
+    tokens = np.stack([np.cumsum(np.where(which == k, lengths, 0)) for k in (0, 1)])
+    total = tokens.sum(0)
+    err = np.abs(tokens - b.weights[:, None] * total[None, :])
+    assert err.max() <= 256  # within one stream of the weight, at every stream
+    assert abs(b.shares(n)[0] - 0.3) < 256 / total[-1] + 1e-12
+    k, j = b.source_of(137)
+    assert np.array_equal(b[137].tokens, b.parts[k][j].tokens)
+    again = blend()  # a resumed run: stream i depends only on i
+    for i in (599, 5, 300):
+        assert again.source_of(i) == b.source_of(i)
+        assert np.array_equal(again[i].tokens, b[i].tokens)
+    if mode == "concat_chunk":  # streams of exactly seq_len tokens: Megatron's rule on samples
+        assert set(lengths.tolist()) == {256}
+
+
+def _train(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "seqpar.train", "--config", "configs/tiny-cpu.yaml", "parallel.sp=1",
+                           "parallel.ring=1", "data.seq_len=256", "data.tokens_per_step=512", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def _losses(run):
+    return [json.loads(ln)["loss"] for ln in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def test_blended_run_prints_shares_and_resumes_on_the_same_curve(tmp_path, small_store, second_store):
+    blend = f"data.path=0.3 {small_store} 0.7 {second_store}"
+    whole = _train(blend, "train.steps=4", f"run.output_dir={tmp_path}/whole")
+    assert whole.returncode == 0, whole.stderr
+    assert "blend of 2 stores, weight -> realised token share over the run's 8 streams: 0.3000 -> " in whole.stdout
+    killed = _train(blend, "train.steps=4", "checkpoint.interval=2", f"run.output_dir={tmp_path}/resumed",
+                    env={"SEQPAR_FAULT_KILL_AFTER_SAVE": "2"})
+    assert killed.returncode != 0
+    resumed = _train(blend, "train.steps=4", "checkpoint.interval=2", f"run.output_dir={tmp_path}/resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert _losses(tmp_path / "resumed") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-6)
+
+
+def test_stores_with_different_tokenizers_are_one_line(tmp_path, small_store):
+    from tests.data.test_tokenizer import _train_bpe
+
+    from seqpar.data.prepare import prepare
+
+    tok = _train_bpe(tmp_path / "tokenizer.json")
+    (tmp_path / "t.txt").write_text("hello world " * 200)
+    prepare([str(tmp_path / "t.txt")], str(tmp_path / "hf"), tok, progress=False)
+    p = _train(f"data.path=0.5 {small_store} 0.5 {tmp_path}/hf", f"run.output_dir={tmp_path}/run")
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "was made with tokenizer" in lines[0] and "prepare every store of a blend with one tokenizer" in lines[0]
