@@ -134,8 +134,8 @@ class DataConfig:
                 blend = parse_blend(self.path)
             except BlendError as e:
                 raise ConfigError(str(e)) from None
-            _check(blend is None or self.mode in ("pack", "concat_chunk"), f"data.mode={self.mode} does not take a "
-                   "weighted data.path (a blend) yet; use data.mode=pack or concat_chunk")
+            _check(blend is None or self.mode != "decompose", "data.mode=decompose takes one decomposition "
+                   "directory, not a weighted data.path; use data.mode=pack, concat_chunk or varlen for a blend")
         _choice("data.mode", self.mode, DATA_MODES)
         _choice("data.curriculum_rule", self.curriculum_rule, ("paper", "released"))
         _check(self.cycles >= 1, f"data.cycles={self.cycles} must be >= 1")

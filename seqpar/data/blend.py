@@ -119,3 +119,78 @@ class BlendedStreams:
         """One line: how the streams are made."""
         return (f"{self.parts[0].mode} seq_len={self.seq_len} seed={self.parts[0].seed} per store; each stream from the "
                 f"store with the largest token deficit")
+
+
+class BlendedDocs:
+    """A read-only store view for ``data.mode: varlen``: the documents of several stores in the order
+    of the largest token deficit (the next document comes from the store furthest below its share
+    of the tokens so far), so that dealing them in order (``VarlenSteps(..., shuffle=False)``)
+    keeps every step boundary's realised shares within one document of the weights. Each store's
+    documents come in seeded permutations, a new one each time the store is used up; the view ends
+    when every store has given its share of max_i(tokens_i / weight_i) tokens, so the store with the
+    most tokens for its weight is read once and the others repeat."""
+
+    def __init__(self, stores: list, weights: list[float], seed: int) -> None:
+        self.stores = stores
+        self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.prefix = " + ".join(s.prefix for s in stores)
+        sizes = np.asarray([s.num_tokens for s in stores], dtype=np.float64)
+        if (sizes == 0).any():
+            raise BlendError(f"data.path blend: {stores[int(np.argmin(sizes))].prefix} has no tokens")
+        target = float(np.max(sizes / self.weights))
+        orders = [self._permutation(k, 0, seed) for k in range(len(stores))]
+        cursor, passes = [0] * len(stores), [0] * len(stores)
+        tokens = np.zeros(len(stores), dtype=np.float64)
+        which, docs, lengths = [], [], []
+        while tokens.sum() < target:
+            k = int(np.argmax(self.weights * tokens.sum() - tokens))
+            if cursor[k] == orders[k].size:  # this store is used up: a new permutation
+                passes[k] += 1
+                orders[k], cursor[k] = self._permutation(k, passes[k], seed), 0
+            d = int(orders[k][cursor[k]])
+            cursor[k] += 1
+            n = int(stores[k].doc_lengths[d])
+            which.append(k)
+            docs.append(d)
+            lengths.append(n)
+            tokens[k] += n
+        self._which = np.asarray(which, dtype=np.int64)
+        self._docs = np.asarray(docs, dtype=np.int64)
+        self._doc_lengths = np.asarray(lengths, dtype=np.int64)
+
+    def _permutation(self, k: int, p: int, seed: int) -> np.ndarray:
+        nonempty = np.flatnonzero(self.stores[k].doc_lengths)
+        return np.random.default_rng(np.random.SeedSequence([seed, k, p, 7])).permutation(nonempty)
+
+    @property
+    def num_docs(self) -> int:
+        return int(self._doc_lengths.size)
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return self._doc_lengths
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._doc_lengths.sum())
+
+    def store_of(self, i: int) -> tuple[int, int]:
+        """Document ``i`` of the view -> (store, its document)."""
+        return int(self._which[i]), int(self._docs[i])
+
+    def span(self, i: int, start: int, stop: int) -> np.ndarray:
+        k, d = self.store_of(i)
+        return self.stores[k].span(d, start, stop)
+
+    def doc(self, i: int) -> np.ndarray:
+        k, d = self.store_of(i)
+        return self.stores[k].doc(d)
+
+    def max_token_id(self) -> int:
+        return max(s.max_token_id() for s in self.stores)
+
+    def shares_line(self) -> str:
+        tokens = np.bincount(self._which, weights=self._doc_lengths.astype(np.float64), minlength=len(self.stores))
+        items = ", ".join(f"{w:.4f} -> {t / tokens.sum():.4f} {s.prefix}" for w, t, s in zip(self.weights, tokens, self.stores))
+        return (f"blend of {len(self.stores)} stores by document, weight -> realised token share over one pass of "
+                f"{int(tokens.sum()):,} tokens: {items}")

@@ -88,13 +88,15 @@ class VarlenSteps:
 
     by_step = True
 
-    def __init__(self, store: TokenStore | str, *, seq_len: int, tokens_per_step: int, seed: int) -> None:
+    def __init__(self, store: TokenStore | str, *, seq_len: int, tokens_per_step: int, seed: int,
+                 shuffle: bool = True) -> None:
         if int(seq_len) < 2:
             raise ValueError(f"seq_len={seq_len} must be >= 2 (one input and one target token)")
         if int(tokens_per_step) < int(seq_len):
             raise ValueError(f"tokens_per_step={tokens_per_step} must be >= seq_len={seq_len}")
-        self.store = store if isinstance(store, TokenStore) else TokenStore(store)
+        self.store = TokenStore(store) if isinstance(store, str) else store  # or any store-like view (a blend)
         self.seq_len, self.tokens_per_step, self.seed = int(seq_len), int(tokens_per_step), int(seed)
+        self.shuffle = bool(shuffle)  # False: deal in the store's order (a blend orders the documents itself)
         lengths = self.store.doc_lengths
         docs = np.flatnonzero(lengths).astype(np.int64)
         if docs.size == 0:
@@ -108,7 +110,7 @@ class VarlenSteps:
         ep = self._epochs.get(e)
         if ep is None:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, e, 2]))
-            perm = rng.permutation(self._pieces[0].size)
+            perm = rng.permutation(self._pieces[0].size) if self.shuffle else np.arange(self._pieces[0].size)
             doc, start, length = (a[perm] for a in self._pieces)
             ep = self._epochs[e] = _Epoch(doc, start, length, deal_steps(length, self.tokens_per_step))
             while len(self._epochs) > _KEEP_EPOCHS:

@@ -176,7 +176,7 @@ def _blended(cfg: Config, blend: list[tuple[float, str]]) -> tuple[StepData, Dat
     from seqpar.data.store import StoreError, TokenStore
     from seqpar.data.streams import PackedStreams
 
-    parts, metas, names = [], [], []
+    parts, metas, names, stores = [], [], [], []
     for weight, path in blend:
         store = TokenStore(path)
         meta = read_metadata(store.prefix) or {}
@@ -187,10 +187,19 @@ def _blended(cfg: Config, blend: list[tuple[float, str]]) -> tuple[StepData, Dat
                              f"end-of-text {metas[0][1][2]}); prepare every store of a blend with one tokenizer")
         metas.append((store, tok))
         names.append(store.prefix)
-        parts.append((weight, PackedStreams(store, mode=cfg.data.mode, seq_len=cfg.data.seq_len, seed=cfg.run.seed,
-                                            doc_mask=cfg.data.doc_mask)))
-    max_id = max(store.max_token_id() for store, _ in metas)
+        stores.append(store)
+    max_id = max(store.max_token_id() for store in stores)
     vocab, eot = _vocab(cfg, read_metadata(names[0]) or {}, max_id, names[0])
+    if cfg.data.mode == "varlen":  # documents in deficit order, dealt into steps in that order
+        from seqpar.data.blend import BlendedDocs
+        from seqpar.data.varlen import VarlenSteps
+
+        docs = BlendedDocs(stores, [w for w, _ in blend], cfg.run.seed)
+        steps = VarlenSteps(docs, seq_len=cfg.data.seq_len, tokens_per_step=cfg.data.tokens_per_step, seed=cfg.run.seed,
+                            shuffle=False)
+        return StepData(steps, 0, by_step=True), DataSource(cfg.data.path, vocab, eot, docs.shares_line())
+    parts = [(w, PackedStreams(store, mode=cfg.data.mode, seq_len=cfg.data.seq_len, seed=cfg.run.seed,
+                               doc_mask=cfg.data.doc_mask)) for (w, _), store in zip(blend, stores)]
     streams = BlendedStreams(parts, names)
     run_streams = cfg.train.steps * cfg.data.streams_per_step
     return (StepData(streams, cfg.data.streams_per_step, by_step=False),

@@ -42,8 +42,8 @@ def test_yaml_list_and_bad_blends_in_the_config():
     assert cfg.data.path == "0.3 a 0.7 b"
     with pytest.raises(ConfigError, match=r"data.path\[1\]=.* must be a mapping with exactly the keys weight and path"):
         load_config("configs/tiny-cpu.yaml", ["data.path=[{weight: 0.3, path: a}, {w: 0.7, path: b}]"])
-    with pytest.raises(ConfigError, match="data.mode=varlen does not take a weighted data.path"):
-        load_config("configs/tiny-cpu.yaml", ["data.path=0.3 a 0.7 b", "data.mode=varlen"])
+    with pytest.raises(ConfigError, match="data.mode=decompose takes one decomposition directory"):
+        load_config("configs/tiny-cpu.yaml", ["data.path=0.3 a 0.7 b", "data.mode=decompose"])
 
 
 @pytest.mark.parametrize("mode", ["pack", "concat_chunk"])
@@ -69,6 +69,27 @@ def test_shares_are_within_one_stream_after_every_stream(small_store, second_sto
         assert np.array_equal(again[i].tokens, b[i].tokens)
     if mode == "concat_chunk":  # streams of exactly seq_len tokens: Megatron's rule on samples
         assert set(lengths.tolist()) == {256}
+
+
+def test_varlen_blend_is_exact_up_to_one_document_at_every_step(small_store, second_store):
+    from seqpar.data.blend import BlendedDocs
+    from seqpar.data.store import TokenStore
+    from seqpar.data.varlen import VarlenSteps
+
+    stores = [TokenStore(small_store), TokenStore(second_store)]
+    docs = BlendedDocs(stores, [0.3, 0.7], seed=5)
+    steps = VarlenSteps(docs, seq_len=512, tokens_per_step=4096, seed=5, shuffle=False)
+    ep, _ = steps.locate(0)
+    tokens = np.zeros(2)
+    longest = int(docs.doc_lengths.max())
+    for step in range(ep.num_steps):  # every step boundary of the pass
+        _, lo, hi = steps._slice(step)
+        for d, n in zip(ep.doc[lo:hi], ep.length[lo:hi]):
+            tokens[docs.store_of(int(d))[0]] += n
+        assert np.abs(tokens - docs.weights * tokens.sum()).max() <= longest
+    assert "0.3000 -> 0.3" in docs.shares_line() or "0.3000 -> 0.2" in docs.shares_line()
+    again = BlendedDocs(stores, [0.3, 0.7], seed=5)  # deterministic: a resumed run sees the same documents
+    assert np.array_equal(again.doc_lengths, docs.doc_lengths) and again.store_of(7) == docs.store_of(7)
 
 
 def _train(*args, env=None):
