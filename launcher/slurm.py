@@ -92,6 +92,9 @@ class SubmitOptions:
         for path in (self.config, self.run_dir, self.workdir) + (() if self.setup else (self.python,)):
             if not os.path.isabs(path):
                 raise ValueError(f"{path!r} must be an absolute path (the job runs in another directory, later)")
+        for path in (self.run_dir, self.workdir):
+            if any(c.isspace() for c in path):
+                raise ValueError(f"{path!r} must not contain spaces (it appears unquoted in #SBATCH lines)")
 
 
 def _directives(o: SubmitOptions) -> list[str]:

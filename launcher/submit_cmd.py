@@ -66,23 +66,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        run_dir = os.path.abspath(cfg.run.output_dir)
+        slurm_dir = os.path.join(run_dir, "slurm")
         opts = SubmitOptions(
-            config="/", run_dir=os.path.abspath(cfg.run.output_dir), nodes=args.nodes, nproc_per_node=args.nproc_per_node,
+            config=os.path.join(slurm_dir, "config.yaml"), run_dir=run_dir, nodes=args.nodes, nproc_per_node=args.nproc_per_node,
             gpus_per_node=0 if args.gpus_per_node is None else args.gpus_per_node, time=args.time,
             workdir=os.getcwd(), partition=args.partition, account=args.account, qos=args.qos, mode=args.mode,
             max_requeues=args.max_requeues, sbatch_args=tuple(args.sbatch_arg), env=parse_env(args.env), setup=args.setup,
             python="python" if args.setup else sys.executable, job_name=f"seqpar-{cfg.run.name}")
         opts.validate()  # cheap checks first: no sinfo call for a bad --nodes
-        if any(c.isspace() for c in opts.run_dir + opts.workdir):
-            raise ValueError(f"run directory {opts.run_dir!r} and working directory must not contain spaces (#SBATCH lines)")
         cfg.parallel_dims(args.nodes * args.nproc_per_node)  # the trainer's own validation, before anything is queued
         from seqpar.train.data_setup import check_data_path
 
         check_data_path(cfg)
-        cfg.run.output_dir = opts.run_dir
-        slurm_dir = os.path.join(opts.run_dir, "slurm")
-        opts = replace(opts, config=os.path.join(slurm_dir, "config.yaml"),
-                       gpus_per_node=_gpus_per_node(args.gpus_per_node, args.nproc_per_node))
+        cfg.run.output_dir = run_dir
+        opts = replace(opts, gpus_per_node=_gpus_per_node(args.gpus_per_node, args.nproc_per_node))
         with open(args.template or TEMPLATE) as f:
             script = render_sbatch(opts, f.read())
     except (ConfigError, ParallelDimsError, ValueError, OSError) as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from seqpar.data.store import DocumentSizes
 from seqpar.data.streams import PackedStreams, Stream
 
 
@@ -121,7 +122,7 @@ class BlendedStreams:
                 f"store with the largest token deficit")
 
 
-class BlendedDocs:
+class BlendedDocs(DocumentSizes):
     """A read-only store view for ``data.mode: varlen``: the documents of several stores in the order
     of the largest token deficit (the next document comes from the store furthest below its share
     of the tokens so far), so that dealing them in order (``VarlenSteps(..., shuffle=False)``)
@@ -161,18 +162,6 @@ class BlendedDocs:
     def _permutation(self, k: int, p: int, seed: int) -> np.ndarray:
         nonempty = np.flatnonzero(self.stores[k].doc_lengths)
         return np.random.default_rng(np.random.SeedSequence([seed, k, p, 7])).permutation(nonempty)
-
-    @property
-    def num_docs(self) -> int:
-        return int(self._doc_lengths.size)
-
-    @property
-    def doc_lengths(self) -> np.ndarray:
-        return self._doc_lengths
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self._doc_lengths.sum())
 
     def store_of(self, i: int) -> tuple[int, int]:
         """Document ``i`` of the view -> (store, its document)."""

@@ -75,7 +75,30 @@ def _check_idx_layout(idx_path: str) -> None:
                                  f"({n_seq} sequences, {n_doc} document indices)")
 
 
-class TokenStore:
+class DocumentSizes:
+    """Sizes of a store-like object from its ``_doc_lengths`` (int64 [num_docs]): what the packers
+    read (``TokenStore``, and a blend's document view ``seqpar.data.blend.BlendedDocs``)."""
+
+    _doc_lengths: np.ndarray
+
+    @property
+    def num_docs(self) -> int:
+        return int(self._doc_lengths.size)
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        """int64 [num_docs]: tokens per document (its sequences concatenated)."""
+        return self._doc_lengths
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._doc_lengths.sum())
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+
+class TokenStore(DocumentSizes):
     """Read-only, memory-mapped view of a Megatron indexed dataset, by document.
 
     Args:
@@ -123,22 +146,10 @@ class TokenStore:
         self._doc_lengths = np.diff(self.doc_offsets)
         self._max_token: int | None = None
 
-    # -- sizes ---------------------------------------------------------------------------
-    @property
-    def num_docs(self) -> int:
-        return int(self._doc_lengths.size)
-
-    @property
-    def doc_lengths(self) -> np.ndarray:
-        """int64 [num_docs]: tokens per document (its sequences concatenated)."""
-        return self._doc_lengths
 
     @property
     def num_tokens(self) -> int:
-        return int(self.doc_offsets[-1])
-
-    def __len__(self) -> int:
-        return self.num_docs
+        return int(self.doc_offsets[-1])  # O(1) here
 
     # -- reading -------------------------------------------------------------------------
     def _read_flat(self, start: int, count: int) -> np.ndarray:

@@ -176,18 +176,19 @@ def _blended(cfg: Config, blend: list[tuple[float, str]]) -> tuple[StepData, Dat
     from seqpar.data.store import StoreError, TokenStore
     from seqpar.data.streams import PackedStreams
 
-    parts, metas, names, stores = [], [], [], []
-    for weight, path in blend:
+    stores: list[TokenStore] = []
+    first: tuple = ()
+    for _, path in blend:
         store = TokenStore(path)
         meta = read_metadata(store.prefix) or {}
         tok = (meta.get("tokenizer_spec"), meta.get("vocab_size"), meta.get("eot_id"))
-        if metas and tok != metas[0][1]:
+        if stores and tok != first:
             raise StoreError(f"data.path blend: {store.prefix} was made with tokenizer {tok[0]!r} (vocab {tok[1]}, "
-                             f"end-of-text {tok[2]}) but {names[0]} with {metas[0][1][0]!r} (vocab {metas[0][1][1]}, "
-                             f"end-of-text {metas[0][1][2]}); prepare every store of a blend with one tokenizer")
-        metas.append((store, tok))
-        names.append(store.prefix)
+                             f"end-of-text {tok[2]}) but {stores[0].prefix} with {first[0]!r} (vocab {first[1]}, "
+                             f"end-of-text {first[2]}); prepare every store of a blend with one tokenizer")
+        first = first or tok
         stores.append(store)
+    names = [s.prefix for s in stores]
     max_id = max(store.max_token_id() for store in stores)
     vocab, eot = _vocab(cfg, read_metadata(names[0]) or {}, max_id, names[0])
     if cfg.data.mode == "varlen":  # documents in deficit order, dealt into steps in that order

@@ -116,9 +116,7 @@ def _losses(run_dir) -> list[float]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, small_store):
-    """The same run under `seqpar train --nproc 2` (torchrun)."""
-    if not CLUSTER:
-        pytest.skip("only the cluster tests compare with it")
+    """The same run under `seqpar train --nproc 2` (torchrun); only the cluster tests use it."""
     run = tmp_path_factory.mktemp("ref") / "run"
     p = seqpar("train", *RUN, f"data.path={small_store}", f"run.output_dir={run}", "--nproc", "2")
     assert p.returncode == 0, p.stdout + p.stderr

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers  # the test extra has it; seqpar never imports it at run time
 
 from seqpar.model.hf import HFConfigError, load_pretrained, model_keys, save_pretrained
 from seqpar.train.batch import make_microbatch
 
-transformers = pytest.importorskip("transformers", reason="the HF parity tests need transformers (the test extra has it)")
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False)

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+import transformers  # the test extra has it; seqpar never imports it at run time
 
 from tests.launcher.test_cli import REPO
 
-transformers = pytest.importorskip("transformers", reason="the checkpoint is written by transformers (the test extra has it)")
 
 # the shapes of configs/tiny-cpu.yaml, so that the run's config does not conflict
 TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=352,
