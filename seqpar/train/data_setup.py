@@ -171,10 +171,9 @@ def _blend(cfg: Config) -> list[tuple[float, str]] | None:
 
 def _blended(cfg: Config, blend: list[tuple[float, str]]) -> tuple[StepData, DataSource]:
     """Streams of a weighted blend of stores (``seqpar.data.blend``); the stores must share a tokenizer."""
-    from seqpar.data.blend import BlendedStreams
+    from seqpar.data.blend_streams import BlendedStreams
     from seqpar.data.prepare import read_metadata
     from seqpar.data.store import StoreError, TokenStore
-    from seqpar.data.streams import PackedStreams
 
     stores: list[TokenStore] = []
     first: tuple = ()
@@ -199,9 +198,8 @@ def _blended(cfg: Config, blend: list[tuple[float, str]]) -> tuple[StepData, Dat
         steps = VarlenSteps(docs, seq_len=cfg.data.seq_len, tokens_per_step=cfg.data.tokens_per_step, seed=cfg.run.seed,
                             shuffle=False)
         return StepData(steps, 0, by_step=True), DataSource(cfg.data.path, vocab, eot, docs.shares_line())
-    parts = [(w, PackedStreams(store, mode=cfg.data.mode, seq_len=cfg.data.seq_len, seed=cfg.run.seed,
-                               doc_mask=cfg.data.doc_mask)) for (w, _), store in zip(blend, stores)]
-    streams = BlendedStreams(parts, names)
+    streams = BlendedStreams(stores, [w for w, _ in blend], mode=cfg.data.mode, seq_len=cfg.data.seq_len,
+                             seed=cfg.run.seed, doc_mask=cfg.data.doc_mask, names=names)
     run_streams = cfg.train.steps * cfg.data.streams_per_step
     return (StepData(streams, cfg.data.streams_per_step, by_step=False),
             DataSource(cfg.data.path, vocab, eot, streams.shares_line(run_streams)))
