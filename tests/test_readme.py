@@ -36,6 +36,14 @@ def test_readme_python_examples_run(tmp_path):
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
                 assert p.returncode == 0, p.stderr[-3000:]
                 assert "ring, ulysses and hybrid match single-device attention" in p.stdout
+        elif block.startswith("# megatron_example.py"):
+            script = tmp_path / "megatron_example.py"
+            script.write_text(block)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert p.returncode == 0, p.stderr[-3000:]
+            assert "megatron-core GPTModel with seqpar's Ulysses attention at cp=2: loss " in p.stdout
         else:
             exec(compile(block, "README.md", "exec"), {})
     assert any(b.startswith("# sp_example.py") for b in blocks)
+    assert any(b.startswith("# megatron_example.py") for b in blocks)

@@ -12,6 +12,10 @@ other rank's document ids and positions without receiving them.
   whole to the rank with the least causal work so far. A rank may hold zero tokens.
 - hybrid: zigzag over the ring degree, then contiguous inside each Ulysses group; SP rank
   ``ring_index * ulysses + ulysses_index`` (Ulysses ranks adjacent, as in the mesh).
+- megatron: Megatron-core's context-parallel ``thd`` layout (every document padded to a multiple
+  of 2P, chunks r and 2P-1-r on rank r); its pad tokens are documents of their own
+  (``with_pad_documents``), so the kernels' document mask keeps them apart. Any algorithm runs on
+  any layout: the block metadata carries each token's document and position.
 """
 
 from __future__ import annotations
@@ -162,3 +166,54 @@ def causal_work(layout: Layout, cu_seqlens: np.ndarray, rank: int, causal: bool 
     if causal:
         return int((pos + 1).sum())
     return int((cu[doc + 1] - cu[doc]).sum())
+
+
+def pad_cu_seqlens(cu_seqlens: np.ndarray, multiple: int) -> np.ndarray:
+    """Each document's length rounded up to a multiple of ``multiple`` (Megatron's
+    ``cu_seqlens_q_padded`` for context parallelism of cp ranks: multiple = 2 * cp)."""
+    cu = _check(cu_seqlens, 1)
+    if multiple < 1:
+        raise ValueError(f"multiple={multiple} must be >= 1")
+    lengths = -(-np.diff(cu) // multiple) * multiple
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def with_pad_documents(cu_seqlens: np.ndarray, cu_padded: np.ndarray) -> np.ndarray:
+    """The attention documents of a padded packed batch: every real document, then its padding as a
+    document of its own (so pad tokens see only pad tokens and no real token sees them).
+
+    cu_seqlens: the real documents' lengths (int [n + 1]); cu_padded: the same documents padded
+    (int [n + 1], each length >= the real one). Returns int64 [<= 2n + 1] on the padded positions.
+    """
+    cu, padded = _check(cu_seqlens, 1), _check(cu_padded, 1)
+    if cu.size != padded.size or np.any(np.diff(padded) < np.diff(cu)):
+        raise ValueError("cu_seqlens_padded must have one entry per document and no document shorter than its real length")
+    ends = padded[:-1] + np.diff(cu)  # where each real document stops inside its padded slot
+    return np.unique(np.concatenate([padded, ends])).astype(np.int64)
+
+
+def megatron_cp_layout(cu_padded: np.ndarray, world: int) -> Layout:
+    """Megatron's context-parallel layout of a packed (``thd``) batch over ``world`` ranks.
+
+    Every document of ``cu_padded`` (lengths multiples of 2 * world, see :func:`pad_cu_seqlens`)
+    is cut into 2 * world equal chunks and rank r holds chunks r and 2 * world - 1 - r, in that
+    order, documents in order: what Megatron's ``_get_thd_freqs_on_this_cp_rank`` (RoPE) and
+    TransformerEngine's ``thd_get_partitioned_indices`` assume. The indices are ascending, so a
+    rank's local order is Megatron's local order.
+    """
+    cu = _check(cu_padded, world)
+    lengths = np.diff(cu)
+    if np.any(lengths % (2 * world)):
+        d = int(np.flatnonzero(lengths % (2 * world))[0])
+        raise ValueError(f"document {d} has {int(lengths[d])} tokens, not a multiple of 2 x cp = {2 * world}; "
+                         "pad every document to a multiple of 2 x cp (cu_seqlens_q_padded)")
+    chunk = lengths // (2 * world)
+    indices = []
+    for r in range(world):
+        parts = []
+        for start, c in zip(cu[:-1].tolist(), chunk.tolist()):
+            if c:
+                parts.append(np.arange(start + r * c, start + (r + 1) * c, dtype=np.int64))
+                parts.append(np.arange(start + (2 * world - 1 - r) * c, start + (2 * world - r) * c, dtype=np.int64))
+        indices.append(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+    return Layout("megatron", tuple(indices), int(cu[-1]))
