@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.attention.layout import megatron_cp_layout, pad_cu_seqlens, with_pad_documents
+from seqpar.attention.meta import StreamMeta
 
 try:  # megatron-core is a dependency; the import is guarded so the error names it
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -141,35 +142,31 @@ class SeqparCoreAttention(MegatronModule):
                                            "thd or sbhd")
         s, b = query.shape[:2]
         flat = [x.transpose(0, 1).reshape(b * s, *x.shape[2:]) for x in (query, key, value)]
-        cu = np.arange(b + 1, dtype=np.int64) * s * cp  # one document per batch row
-        out = self._run(*flat, cu, cu, cp_group, hcp, cp, causal)
+        stream = _stream_cache(_SBHD, (b, s, cp, query.device), lambda: _stream_of(
+            np.arange(b + 1, dtype=np.int64) * s * cp, None, cp, query.device))  # one document per batch row
+        out = self._run(*flat, stream, cp_group, hcp, cp, causal)
         return out.reshape(b, s, -1).transpose(0, 1).contiguous()
 
     def _thd(self, q, k, v, params: PackedSeqParams, cp_group, hcp, cp: int, causal: bool) -> torch.Tensor:
         if params.cu_seqlens_q is None:
             raise MegatronIntegrationError("packed_seq_params.cu_seqlens_q is required in the thd format")
-        if params.cu_seqlens_kv is not None and params.cu_seqlens_kv is not params.cu_seqlens_q and not torch.equal(
-                params.cu_seqlens_kv.cpu(), params.cu_seqlens_q.cpu()):
-            raise MegatronIntegrationError("cu_seqlens_kv differs from cu_seqlens_q: seqpar's core attention is self-attention")
-        # One host copy per call (Megatron's own thd RoPE reads cu_seqlens on the host as well).
-        real = params.cu_seqlens_q.cpu().numpy().astype(np.int64)
-        padded = (params.cu_seqlens_q_padded.cpu().numpy().astype(np.int64)
-                  if params.cu_seqlens_q_padded is not None else real)
-        return self._run(q, k, v, real, padded, cp_group, hcp, cp, causal)
+        # Every layer gets the same PackedSeqParams: its stream metadata is built once per batch, on
+        # the first layer (one host read of cu_seqlens, as Megatron's own thd RoPE makes), and kept on it.
+        cache = params.__dict__.setdefault("_seqpar_streams", {})
+        stream = _stream_cache(cache, (cp, q.device), lambda: _stream_of(
+            params.cu_seqlens_q, params.cu_seqlens_q_padded, cp, q.device, params.cu_seqlens_kv))
+        return self._run(q, k, v, stream, cp_group, hcp, cp, causal)
 
-    def _run(self, q, k, v, real: np.ndarray, padded: np.ndarray, cp_group, hcp, cp: int, causal: bool) -> torch.Tensor:
+    def _run(self, q, k, v, stream: StreamMeta, cp_group, hcp, cp: int, causal: bool) -> torch.Tensor:
         from seqpar.attention.hybrid import hybrid_attention
-        from seqpar.attention.meta import StreamMeta
         from seqpar.attention.ring import ring_attention
         from seqpar.attention.ulysses import ulysses_attention
         from seqpar.kernels.autograd import block_attention
 
-        local = int(padded[-1]) // cp
+        local = stream.layout.total // cp
         if q.shape[0] != local:
             raise MegatronIntegrationError(f"this rank holds {q.shape[0]} tokens but cu_seqlens_q_padded (total "
-                                           f"{int(padded[-1])}) / cp={cp} gives {local}; shard with megatron_thd_shard")
-        layout = megatron_cp_layout(padded, cp)
-        stream = StreamMeta(with_pad_documents(real, padded), layout, q.device)
+                                           f"{stream.layout.total}) / cp={cp} gives {local}; shard with megatron_thd_shard")
         kw = dict(causal=causal, scale=self.softmax_scale, impl=self.impl)
         if cp == 1:
             meta = stream.block([0])
@@ -184,6 +181,32 @@ class SeqparCoreAttention(MegatronModule):
             raise MegatronIntegrationError("cp_comm_type=a2a+p2p needs hierarchical_context_parallel_sizes=[ulysses, ring] "
                                            f"multiplying to context_parallel_size={cp} (Megatron's hcp groups)")
         return hybrid_attention(q, k, v, stream, hcp[0], hcp[1], **kw)
+
+
+_SBHD: dict = {}  # sbhd stream metadata by (batch, local length, cp, device): a few shapes per run
+
+
+def _stream_cache(cache: dict, key: tuple, build) -> StreamMeta:
+    stream = cache.get(key)
+    if stream is None:
+        if len(cache) > 16:
+            cache.clear()
+        stream = cache[key] = build()
+    return stream
+
+
+def _host(cu: torch.Tensor | np.ndarray) -> np.ndarray:
+    return (cu.cpu().numpy() if isinstance(cu, torch.Tensor) else np.asarray(cu)).astype(np.int64)
+
+
+def _stream_of(cu_q, cu_q_padded, cp: int, device: torch.device, cu_kv=None) -> StreamMeta:
+    """Block metadata of a batch in Megatron's CP layout: real documents, each followed by its pad
+    tokens as a document of their own (host arrays, built once per batch)."""
+    real = _host(cu_q)
+    if cu_kv is not None and cu_kv is not cu_q and not np.array_equal(_host(cu_kv), real):
+        raise MegatronIntegrationError("cu_seqlens_kv differs from cu_seqlens_q: seqpar's core attention is self-attention")
+    padded = _host(cu_q_padded) if cu_q_padded is not None else real
+    return StreamMeta(with_pad_documents(real, padded), megatron_cp_layout(padded, cp), device)
 
 
 @dataclass
