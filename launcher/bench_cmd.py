@@ -1,5 +1,6 @@
 """``seqpar bench data`` (seqpar.bench.data_bench), ``seqpar bench kernels`` (seqpar.bench.kernel_bench),
-``seqpar bench adaptive`` (seqpar.bench.adaptive_bench) and ``seqpar bench memory`` (seqpar.bench.memory_bench)."""
+``seqpar bench adaptive`` (seqpar.bench.adaptive_bench), ``seqpar bench memory`` (seqpar.bench.memory_bench) and
+``seqpar bench scaling`` (seqpar.bench.scaling_bench)."""
 
 from __future__ import annotations
 
@@ -142,9 +143,41 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scaling(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from seqpar.bench.scaling_bench import gpu_kernel_table, run_scaling_bench
+    from seqpar.bench.scaling_report import format_table, make_spec, write_outputs
+
+    cuda = torch.cuda.is_available()
+    cores = os.cpu_count()
+    try:
+        spec = make_spec(args.quick, cuda, args.model, args.vocab, args.degrees, args.lengths, args.algorithms, args.steps,
+                         cores)
+        start = time.perf_counter()
+        rows = run_scaling_bench(spec, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        extra = gpu_kernel_table(spec) if cuda else ""
+    except (ValueError, RuntimeError) as e:
+        print(f"seqpar: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    m = spec.model
+    where = torch.cuda.get_device_name(0) if cuda else f"{cores}-core CPU, gloo"
+    header = (f"seqpar bench scaling{' --quick' if args.quick else ''} on {where}; model dim {m.dim}, {m.n_layers} layers, "
+              f"{m.n_heads}/{m.n_kv_heads} heads, vocab {m.vocab_size}; one step = one stream of 4 documents "
+              f"(L/2, L/4, L/8, L/8); times: median of {spec.steps} steps after a warm-up; "
+              f"wall {time.perf_counter() - start:.0f} s")
+    print(format_table(rows))
+    print(header)
+    files = write_outputs(rows, args.output, header, cores, spec.max_timed, extra)
+    print("wrote " + ", ".join(files))
+    return 0
+
+
 def add_bench_commands(sub) -> None:
-    """Register ``seqpar bench data``, ``kernels``, ``adaptive``, ``memory``, ``offload`` and ``scale`` on the
-    top-level subparsers."""
+    """Register ``seqpar bench data``, ``kernels``, ``adaptive``, ``memory``, ``offload``, ``scale`` and ``scaling``
+    on the top-level subparsers."""
     bench = sub.add_parser("bench", help="benchmarks with ratios against a baseline measured in the same run")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     p = kinds.add_parser("data", help="dataset decomposition vs concat-and-chunk at the same token budget")
@@ -205,6 +238,17 @@ def add_bench_commands(sub) -> None:
                    help="stop when the longest fitting and the shortest failing length are this close (relative)")
     p.add_argument("--json", default="runs/bench-scale/scale.json", help="where the rows go")
     p.set_defaults(func=cmd_bench_scale)
+
+    p = kinds.add_parser("scaling", help="ring, Ulysses, hybrid and adaptive by SP degree and length: time, memory, bytes")
+    p.add_argument("--quick", action="store_true", help="a small model and two lengths (< 1 min on 2 cores; the tests)")
+    p.add_argument("--output", default="runs/bench-scaling", help="directory for scaling.csv, scaling.md and the PNGs")
+    p.add_argument("--model", default="", help="dim,layers,heads,kv_heads (default: 128,4,8,4; --quick 64,2,8,4)")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary (default 512 on CPU)")
+    p.add_argument("--degrees", default="", help="SP degrees, powers of two >= 2 (default 2,4,8; --quick 2,4)")
+    p.add_argument("--lengths", default="", help="tokens per step (default 1024,2048,4096,8192; --quick 256,512)")
+    p.add_argument("--algorithms", default="", help="subset of ring,ulysses,hybrid,adaptive (default: all)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per row, median (default 3; --quick 2)")
+    p.set_defaults(func=cmd_bench_scaling)
 
 
 def _memory_bench_args(p: argparse.ArgumentParser, tokens: str, policies: str) -> None:

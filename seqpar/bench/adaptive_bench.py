@@ -24,7 +24,6 @@ the 64-GPU lines are the planner's predictions, not measurements.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -36,6 +35,8 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from seqpar.bench.csv_rows import write_rows
 
 NOT_MEASURED = (
     "Multi-GPU speedups were not measured: the project's GPU machine is a single device (NCCL refuses two ranks on "
@@ -228,29 +229,15 @@ CSV_FIELDS = ["arm", "static_degree", "fits", "steps_timed", "micro_batches", "d
               "predicted_step_s", "error_pct", "tokens_per_s", "plan_solve_s", "plan_wait_s", "hidden_pct", "final_loss", "wall_s"]
 
 
-def _cell(x) -> str:
-    if isinstance(x, float):
-        return f"{x:.6g}" if math.isfinite(x) else ""
-    return str(x)
-
-
 def write_csv(arms: Sequence[ArmSummary], path: str) -> str:
     """One row per arm (empty cells where nothing was measured); returns path."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_FIELDS)
-        for a in arms:
-            w.writerow([_cell(getattr(a, k)) for k in CSV_FIELDS])
-    return path
+    return write_rows(path, CSV_FIELDS, ([getattr(a, k) for k in CSV_FIELDS] for a in arms))
 
 
 def write_predictions_csv(rows: Sequence[dict], path: str) -> str:
     """The ``predict_64`` rows as CSV; returns path."""
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["family", "predicted_step_s", "static_degree", "static_step_s", "speedup"])
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    fields = ["family", "predicted_step_s", "static_degree", "static_step_s", "speedup"]
+    return write_rows(path, fields, ([r[k] for k in fields] for r in rows))
 
 
 def plot(arms: Sequence[ArmSummary], path: str, title: str) -> bool:
