@@ -6,8 +6,9 @@ resolve_impl, and every distributed path (ring, Ulysses, hybrid) takes its
 kernels from get_impl.
 
 sdpa_cpu: blocks of whole documents (single device, Ulysses' gathered tokens,
-degree-1 groups) run torch's fused CPU flash kernel (kernels/cpu_flash.py);
-every other block (ring steps, arbitrary masks) the torch reference.
+degree-1 groups) run torch's fused CPU flash kernel (kernels/cpu_flash.py); ring
+steps run it per tile of document chunks (kernels/cpu_tiles.py); arbitrary masks
+the torch reference.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def get_impl(name: str) -> tuple[FwdFn, BwdFn]:
         from seqpar.kernels import triton_attn
 
         return triton_attn.block_attn_fwd, triton_attn.block_attn_bwd
-    # sdpa_cpu's blocks that are not whole documents (ring steps) use the reference.
+    if name == "sdpa_cpu":  # ring steps: fused tiles of document chunks, else the reference
+        from seqpar.kernels import cpu_tiles
+
+        return cpu_tiles.block_attn_fwd, cpu_tiles.block_attn_bwd
     return reference.block_attn_fwd, reference.block_attn_bwd
 
 

@@ -72,14 +72,15 @@ class SeqparCoreAttention(MegatronModule):
     """megatron-core core attention running seqpar's SP attention over the context-parallel group.
 
     Constructed by Megatron's ``SelfAttention`` with its keyword arguments; ``algorithm`` (ring |
-    ulysses | hybrid) overrides ``cp_comm_type``; ``impl`` is the seqpar kernel (``reference``,
-    ``sdpa_cpu``, ``triton``). No parameters, no process groups of its own.
+    ulysses | hybrid) overrides ``cp_comm_type``; ``impl`` is the seqpar kernel (``auto``: Triton on
+    CUDA, torch's fused CPU flash on CPU; or ``triton``, ``sdpa_cpu``, ``reference``), resolved for
+    the device of each call. No parameters, no process groups of its own.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None, *, algorithm: str | None = None,
-                 impl: str = "reference") -> None:
+                 impl: str = "auto") -> None:
         super().__init__(config=config)
         if attn_mask_type not in _CAUSAL:
             raise MegatronIntegrationError(f"attn_mask_type={attn_mask_type} is not supported by seqpar's core attention; "
@@ -95,6 +96,10 @@ class SeqparCoreAttention(MegatronModule):
         configured = getattr(config, "cp_comm_type", None)  # Megatron passes cp_comm_type only when cp > 1
         self.algorithm = _algorithm(algorithm, cp_comm_type if cp_comm_type is not None else
                                     configured if isinstance(configured, str) else None)
+        from seqpar.kernels.dispatch import CHOICES
+
+        if impl not in CHOICES:
+            raise MegatronIntegrationError(f"SeqparCoreAttention(impl={impl!r}): choose one of {', '.join(CHOICES)}")
         self.impl = impl
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -167,11 +172,14 @@ class SeqparCoreAttention(MegatronModule):
         if q.shape[0] != local:
             raise MegatronIntegrationError(f"this rank holds {q.shape[0]} tokens but cu_seqlens_q_padded (total "
                                            f"{stream.layout.total}) / cp={cp} gives {local}; shard with megatron_thd_shard")
-        kw = dict(causal=causal, scale=self.softmax_scale, impl=self.impl)
+        from seqpar.kernels.dispatch import resolve_impl
+
+        impl = resolve_impl(self.impl, q.device)
+        kw = dict(causal=causal, scale=self.softmax_scale, impl=impl)
         if cp == 1:
             meta = stream.block([0])
             return block_attention(q, k, v, meta.doc, meta.pos, meta.doc, meta.pos, causal=causal,
-                                   scale=self.softmax_scale, impl=self.impl, whole=meta.whole)
+                                   scale=self.softmax_scale, impl=impl, whole=meta.whole)
         ranks = [[i] for i in range(cp)]
         if self.algorithm == "ring":
             return ring_attention(q, k, v, stream.blocks(ranks), cp_group, vis=stream.visibility(ranks, causal), **kw)[0]

@@ -118,3 +118,26 @@ def test_sp_attention_with_triton_kernel(dist_pool, world):
     results = dist_pool(world).run(run_cases, cases, timeout_s=900)
     for i, case in enumerate(cases):
         _check(case, [results[r][i] for r in range(world)])
+
+
+def sdpa_cpu_matrix(world):
+    """Every distributed path through kernels.attention=sdpa_cpu (what auto picks on CPU): ring steps
+    as fused tiles of document chunks, Ulysses' gathered whole documents, hybrid; causal and full,
+    GQA/MQA, both ring layouts, the long documents, bf16."""
+    cases = [Case("ring", SHORT, heads=4, kv_heads=2), Case("ring", SMALL_DOCS, heads=4, kv_heads=1, causal=False),
+             Case("ring", TINY, heads=4, kv_heads=4), Case("ring", LONG, heads=2, kv_heads=1, head_dim=8),
+             Case("ring", SHORT, heads=4, kv_heads=2, layout="contiguous"),
+             Case("ring", SHORT, heads=4, kv_heads=2, dtype="bfloat16"),
+             Case("ulysses", SHORT, heads=6 if world == 3 else 4, kv_heads=3 if world == 3 else 2, layout="contiguous")]
+    if world == 4:
+        cases.append(Case("hybrid", SHORT, heads=4, kv_heads=2, ulysses=2))
+        cases.append(Case("hybrid", LONG, heads=2, kv_heads=1, ulysses=2))
+    return [Case(**{**c.__dict__, "impl": "sdpa_cpu"}) for c in cases]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sp_attention_with_cpu_fused_kernels(dist_pool, world):
+    cases = sdpa_cpu_matrix(world)
+    results = dist_pool(world).run(run_cases, cases, timeout_s=900)
+    for i, case in enumerate(cases):
+        _check(case, [results[r][i] for r in range(world)])

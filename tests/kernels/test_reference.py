@@ -403,9 +403,12 @@ def test_shape_errors():
 def test_dispatch(monkeypatch):
     from seqpar.kernels import triton_attn
 
-    # auto on CPU: torch's fused CPU kernel for whole-document blocks, the reference elsewhere.
+    # auto on CPU: torch's fused CPU kernel for whole-document blocks and ring tiles, the reference elsewhere.
+    from seqpar.kernels import cpu_tiles
+
     assert resolve_impl("auto", torch.device("cpu")) == "sdpa_cpu"
-    assert get_impl("sdpa_cpu") == (block_attn_fwd, block_attn_bwd)
+    assert get_impl("sdpa_cpu") == (cpu_tiles.block_attn_fwd, cpu_tiles.block_attn_bwd)
+    assert get_impl("reference") == (block_attn_fwd, block_attn_bwd)
     with pytest.raises(ValueError, match="sdpa_cpu runs on CPU"):
         resolve_impl("sdpa_cpu", "cuda")
     assert resolve_impl("auto", "cuda") == "triton"
