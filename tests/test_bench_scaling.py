@@ -110,7 +110,8 @@ def test_error_is_one_line(capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "Ulysses degree 4 must divide" in err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU arms run only without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the command measures that one device instead of the CPU "
+                    "gloo groups this test checks (its GPU path has no test here)")
 def test_bench_scaling_quick(tmp_path, capsys, monkeypatch):
     """The --quick preset end to end: baseline, degree 2 (timed on >= 2 cores) and 4 (memory and bytes)."""
     from seqpar.launcher.cli import main

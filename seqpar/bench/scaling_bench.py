@@ -30,7 +30,6 @@ import datetime
 import math
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import time
 import traceback
@@ -40,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.config import ModelConfig
+from seqpar.parallel.init import free_port
 
 from seqpar.bench.scaling_report import (
     ScalingRow,
@@ -234,12 +234,6 @@ def group_rows(spec: ScalingSpec) -> list[ScalingRow]:
 # ---- processes --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, world: int, port: int, spec: ScalingSpec, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -257,7 +251,7 @@ def run_group(spec: ScalingSpec, world: int, timeout_s: float = 1200.0) -> list[
     """Spawn ``world`` gloo ranks (one thread each) and return their rows (a hang fails after timeout_s)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, spec, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()

@@ -107,21 +107,19 @@ class SeqparCoreAttention(MegatronModule):
             raise MegatronIntegrationError("apply_query_key_layer_scaling is not supported by seqpar's core attention; "
                                            "set it to False")
         self.pg_collection = pg_collection
-        self.hierarchical = getattr(config, "hierarchical_context_parallel_sizes", None)
 
     def _groups(self, packed_seq_params: PackedSeqParams | None) -> tuple[dist.ProcessGroup | None, list]:
-        cp = getattr(packed_seq_params, "cp_group", None) if packed_seq_params is not None else None
-        pgc = self.pg_collection
-        if cp is None and pgc is not None and hasattr(pgc, "cp"):
-            cp = pgc.cp
+        """(CP group, hierarchical CP groups): the batch's cp_group, else the collection's, else Megatron's
+        globals (a ProcessGroupCollection leaves unset groups missing, hence getattr)."""
+        from megatron.core import parallel_state
+
+        cp = getattr(packed_seq_params, "cp_group", None)
         if cp is None:
-            from megatron.core import parallel_state
-
+            cp = getattr(self.pg_collection, "cp", None)
+        if cp is None:
             cp = parallel_state.get_context_parallel_group(check_initialized=False)
-        hcp = list(getattr(pgc, "hcp", None) or []) if pgc is not None and hasattr(pgc, "hcp") else []
+        hcp = list(getattr(self.pg_collection, "hcp", None) or [])
         if not hcp and self.algorithm == "hybrid":
-            from megatron.core import parallel_state
-
             hcp = list(parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False) or [])
         return cp, hcp
 
