@@ -138,6 +138,16 @@ def _scontrol(job_id: int) -> dict[str, str]:
     return dict(w.split("=", 1) for w in out.split() if "=" in w)
 
 
+def _daemon_logs(lines: int = 40) -> str:
+    """The tails of the test cluster's slurmctld and slurmd logs, for a failure message."""
+    out = []
+    for name in ("slurmctld.log", "slurmd.log"):
+        path = os.path.join(os.environ.get("SEQPAR_SLURM_DIR", ""), "log", name)
+        if os.path.exists(path):
+            out.append(f"\n--- {name} (last {lines} lines)\n" + "".join(open(path).readlines()[-lines:]))
+    return "".join(out)
+
+
 def _until(what, predicate, timeout_s=300.0):
     """Poll ``predicate`` (no timing assumption but a generous hang guard)."""
     deadline = time.monotonic() + timeout_s
@@ -146,7 +156,7 @@ def _until(what, predicate, timeout_s=300.0):
         if value:
             return value
         time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + _daemon_logs())
 
 
 @needs_cluster
@@ -155,7 +165,7 @@ def test_submit_trains_like_seqpar_train(tmp_path, small_store, reference, mode)
     run = tmp_path / "run"
     p = _submit(run, small_store, "--mode", mode, "--wait")
     log = open(run / "slurm" / f"slurm-{_job_id(run)}.out").read() if (run / "slurm" / "jobs.jsonl").exists() else ""
-    assert p.returncode == 0, p.stdout + p.stderr + log
+    assert p.returncode == 0, p.stdout + p.stderr + log + _daemon_logs()
     assert f"({mode} mode, 1 x 2 ranks)" in p.stdout and "ended COMPLETED; run status done" in p.stdout
     assert (f"launcher {'slurm' if mode == 'srun' else 'torchrun'}") in log
     assert _losses(run) == pytest.approx(reference, rel=1e-6)
@@ -179,10 +189,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes_on_the_same_curve(tmp_pa
     # the job checkpoints step 5, exits, says "preempted" and requeues itself: Slurm holds it back a while
     state = _until("the requeue", lambda: (s := _scontrol(job)).get("Restarts") == "1" and s["JobState"] == "PENDING" and s)
     assert json.loads((run / "status.json").read_text())["status"] == "preempted"
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    # Not StartTime=now: slurmd refuses a launch credential created in the same second as the requeue
+    # revoked the old one (its `ctime <= revoked` check; Slurm's own requeue delay avoids that), and
+    # the job then ends FAILED without running. The requeue happened before we saw PENDING, so a
+    # begin time two seconds from now is always in a later second.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], check=True)
     _until("the end", lambda: _scontrol(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"))
     log = open(run / "slurm" / f"slurm-{job}.out").read()
-    assert _scontrol(job)["JobState"] == "COMPLETED", log
+    assert _scontrol(job)["JobState"] == "COMPLETED", log + _daemon_logs()
     assert "SIGUSR2 received: checkpointed at step 5" in log and "resumed from" in log and "step_000005" in log, log
     assert "requeueing job" in log and state["Restarts"] == "1"
     assert json.loads((run / "status.json").read_text())["status"] == "done"
