@@ -32,23 +32,37 @@ def _gpus_per_node(requested: int | None, nproc_per_node: int) -> int:
     return nproc_per_node if "gpu" in gres else 0
 
 
-def job_state(job_id: int) -> str:
-    """JobState from ``scontrol show job`` ("" once Slurm has forgotten the job)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True).stdout
-    for word in out.split():
+def job_state(job_id: int) -> str | None:
+    """JobState from ``scontrol show job``: "" once Slurm has forgotten the job ("Invalid job id"),
+    None when scontrol gave no answer (a busy slurmctld times out): ask again."""
+    try:
+        p = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for word in p.stdout.split():
         if word.startswith("JobState="):
             return word.split("=", 1)[1]
-    return ""
+    return "" if "Invalid job id" in p.stdout + p.stderr else None
 
 
-def wait_for(job_id: int, run_dir: str, poll_s: float = 5.0) -> int:
+def wait_for(job_id: int, run_dir: str, poll_s: float = 5.0, max_unanswered: int = 60) -> int:
     """Follow the job until it ends (a requeued job goes back to PENDING: keep waiting); 0 iff it
-    completed and the run says done."""
+    completed and the run says done. ``max_unanswered`` polls in a row without an answer from
+    scontrol end the wait (1, the job itself is left alone)."""
     from seqpar.train.preemption import read_status
 
-    last = ""
+    last, unanswered = "", 0
     while True:
         state = job_state(job_id)
+        if state is None:
+            unanswered += 1
+            if unanswered >= max_unanswered:
+                print(f"job {job_id}: scontrol gave no answer {unanswered} times in a row; stopped waiting "
+                      f"(the job is not cancelled: follow it with `scontrol show job {job_id}`)", flush=True)
+                return 1
+            time.sleep(poll_s)
+            continue
+        unanswered = 0
         if state != last:
             print(f"job {job_id}: {state or 'gone'}", flush=True)
             last = state

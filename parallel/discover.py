@@ -40,7 +40,7 @@ class LaunchEnvError(ValueError):
 class RankInfo:
     """This process's place in the world, as the launcher describes it.
 
-    master_addr "" and master_port 0 mean "not given": a world of one picks a free localhost port;
+    master_addr "" and master_port 0 mean "not given": a world of one uses an in-memory store;
     under MPI rank 0 broadcasts its own address and port."""
 
     rank: int

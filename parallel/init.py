@@ -1,22 +1,22 @@
 """Process-group start-up: rank discovery (``seqpar.parallel.discover``, a pure function of the
 environment: torchrun, Slurm steps, Open MPI, MPICH/Hydra, PMIx, or none) and backend choice.
 
-With no launcher the process is a world of one on a free localhost port. Under MPI without
-MASTER_ADDR, rank 0 broadcasts its address and port with mpi4py (``seqpar.parallel.mpi``).
+With no launcher the process is a world of one on an in-memory store. Under MPI without
+MASTER_ADDR, rank 0 opens the store and broadcasts its address and port with mpi4py
+(``seqpar.parallel.mpi``).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from seqpar.parallel.discover import RankInfo, device_index, discover
-from seqpar.parallel.mpi import broadcast_rendezvous, mpi_world_size, under_mpi  # mpi4py itself only on use
+from seqpar.parallel.mpi import mpi_world_size, rendezvous_store, under_mpi  # mpi4py itself only on use
 
 
 @dataclass(frozen=True)
@@ -31,24 +31,13 @@ class DistInfo:
     restart_count: int = 0
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on localhost."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rank_info() -> RankInfo:
-    """``discover(os.environ)``, asking MPI for what only it knows (PMIx's world size, rank 0's address)."""
+    """``discover(os.environ)``, asking MPI for what only it knows (PMIx's world size)."""
     env = os.environ
     mpi_size = None
     if under_mpi(env) and env.get("PMIX_RANK") and not (env.get("SLURM_STEP_NUM_TASKS") or env.get("OMPI_COMM_WORLD_SIZE")):
         mpi_size = mpi_world_size()
-    info = discover(env, mpi_size)
-    if info.launcher in ("openmpi", "mpich", "pmix") and info.world > 1 and not info.master_addr:
-        addr, port = broadcast_rendezvous(info.rank, info.world, info.master_port)
-        info = replace(info, master_addr=addr, master_port=port)
-    return info
+    return discover(env, mpi_size)
 
 
 def init_distributed(backend: str = "auto", timeout_s: float = 600.0, flight_recorder: int = 0,
@@ -81,18 +70,24 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0, flight_rec
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        addr = info.master_addr or "127.0.0.1"
-        port = info.master_port or (free_port() if info.world == 1 else 0)
-        # torch reads these too (e.g. for the store of new groups); keep them consistent with ours
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
-        dist.init_process_group(
-            backend=backend,
-            init_method="env://",
-            rank=info.rank,
-            world_size=info.world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if backend == "nccl" else None,
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        device_id = device if backend == "nccl" else None
+        if info.world == 1 and not info.master_port:
+            # One process and no rendezvous given: an in-memory store, so no port is chosen here and
+            # bound later (another process could take it in between).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                    device_id=device_id)
+        elif info.launcher in ("openmpi", "mpich", "pmix") and not info.master_addr:
+            addr, store = rendezvous_store(info.rank, info.world, info.master_port, timeout)
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(store.port)
+            dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world,
+                                    timeout=timeout, device_id=device_id)
+        else:
+            addr = info.master_addr or "127.0.0.1"
+            # torch reads these too (e.g. for the store of new groups); keep them consistent with ours
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(info.master_port)
+            dist.init_process_group(backend=backend, init_method="env://", rank=info.rank, world_size=info.world,
+                                    timeout=timeout, device_id=device_id)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=info.local_rank, device=device,
                     backend=backend, local_world=info.local_world, launcher=info.launcher, restart_count=info.restart_count)
 

@@ -1,11 +1,14 @@
-"""The MPI side of start-up: the world size when only MPI knows it (PMIx), and the rendezvous address
-broadcast from rank 0 when the launcher gave none. mpi4py is imported here only, and only when an
+"""The MPI side of start-up: the world size when only MPI knows it (PMIx), and the process group's
+store opened by rank 0 and its address broadcast when the launcher gave none. mpi4py is imported here only, and only when an
 MPI variable is set (``pip install -e '.[mpi]'``: mpi4py and MPICH's wheels)."""
 
 from __future__ import annotations
 
+import datetime
 import socket
 from collections.abc import Mapping
+
+import torch.distributed as dist
 
 from seqpar.parallel.discover import LaunchEnvError
 
@@ -29,19 +32,25 @@ def mpi_world_size() -> int:
     return _comm().Get_size()
 
 
-def broadcast_rendezvous(rank: int, world: int, port: int) -> tuple[str, int]:
-    """Rank 0's address and a free port, sent to every rank over MPI_COMM_WORLD (collective).
-    ``port`` 0: rank 0 picks a free one."""
+def rendezvous_store(rank: int, world: int, port: int, timeout: datetime.timedelta) -> tuple[str, dist.TCPStore]:
+    """The process group's store when MPI started the ranks and nobody named a rendezvous (collective over
+    MPI_COMM_WORLD): rank 0 opens it (``port`` 0: the kernel picks one, bound before anyone hears of
+    it, so no other process can take it in between) and broadcasts its address and port; the other
+    ranks connect. Returns (address, store)."""
     comm = _comm()
     if comm.Get_size() != world:
         # e.g. mpi4py built against another MPI than the launcher's: each process is a singleton
         raise LaunchEnvError(f"the launcher says {world} ranks but MPI_COMM_WORLD has {comm.Get_size()}: mpi4py uses "
                              "another MPI than mpiexec (install both from pip: pip install -e '.[mpi]')")
-    payload = None
+    store, payload = None, None
     if rank == 0:
-        payload = (_my_address(), port or _free_port())
+        addr = _my_address()
+        store = dist.TCPStore(addr, port, world, is_master=True, timeout=timeout, wait_for_workers=False)
+        payload = (addr, store.port)
     addr, port = comm.bcast(payload, root=0)
-    return addr, port
+    if store is None:
+        store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+    return addr, store
 
 
 def _my_address() -> str:
@@ -53,9 +62,3 @@ def _my_address() -> str:
     except OSError:
         return host
     return host if addr.startswith("127.") else addr
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]

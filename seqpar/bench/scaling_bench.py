@@ -30,7 +30,9 @@ import datetime
 import math
 import multiprocessing as mp
 import os
+import shutil
 import statistics
+import tempfile
 import time
 import traceback
 
@@ -39,7 +41,6 @@ import torch
 import torch.distributed as dist
 
 from seqpar.config import ModelConfig
-from seqpar.parallel.init import free_port
 
 from seqpar.bench.scaling_report import (
     ScalingRow,
@@ -234,11 +235,13 @@ def group_rows(spec: ScalingSpec) -> list[ScalingRow]:
 # ---- processes --------------------------------------------------------------------------------------
 
 
-def _rank_main(rank: int, world: int, port: int, spec: ScalingSpec, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+def _rank_main(rank: int, world: int, store_path: str, spec: ScalingSpec, queue) -> None:
+    os.environ.update(OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+        # a file store in a fresh directory: no port is picked here and bound later by another process
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=300))
         rows = group_rows(spec)
         if rank == 0:
             queue.put(("ok", rows))
@@ -251,8 +254,9 @@ def run_group(spec: ScalingSpec, world: int, timeout_s: float = 1200.0) -> list[
     """Spawn ``world`` gloo ranks (one thread each) and return their rows (a hang fails after timeout_s)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, spec, queue), daemon=True) for r in range(world)]
+    store_dir = tempfile.mkdtemp(prefix="seqpar-bench-store-")
+    procs = [ctx.Process(target=_rank_main, args=(r, world, os.path.join(store_dir, "store"), spec, queue), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     try:
@@ -263,6 +267,7 @@ def run_group(spec: ScalingSpec, world: int, timeout_s: float = 1200.0) -> list[
         p.join(timeout=30 if status == "ok" else 1)
         if p.is_alive():
             p.kill()
+    shutil.rmtree(store_dir, ignore_errors=True)
     if status != "ok":
         raise RuntimeError(f"seqpar bench scaling: the {world}-rank group failed:\n{payload}")
     return payload

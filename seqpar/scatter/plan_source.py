@@ -125,15 +125,25 @@ class StaticPlans(_OnCall):
         return PlanReply(step, got[1].to_json(), time.perf_counter() - t0, f"static degree {self.degree}", got[0])
 
 
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+_CHILD = ("import signal\n"
+          f"for name in {_STOP_SIGNALS!r}:\n"
+          "    signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
+          "from seqpar.scatter.plan_source import serve\n"
+          "serve()\n")
+
+
 class PlannerProcess:
     """A planner in a child process (``serve``), one step at a time, in the order requested."""
 
     def __init__(self, cm: CostModel, opts: PlannerOptions) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         # -c, not -m: under -m this module would be __main__ and its pickled replies would name
-        # classes the parent cannot find.
-        self._proc = subprocess.Popen([sys.executable, "-c", "from seqpar.scatter.plan_source import serve; serve()"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        # classes the parent cannot find. The child ignores stop signals from its first line on:
+        # `seqpar train` forwards a stop to every process below torchrun and `scancel --signal`
+        # reaches every process of the step, and a caught handler does not survive exec, so the
+        # planner would die while its rank checkpoints. Its life is the pipe's: EOF ends it.
+        self._proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._send(("init", cm, opts))
         self._asked: list[int] = []
 

@@ -90,6 +90,37 @@ def test_parsers():
         parse_env(["A"])
 
 
+def test_job_state_tells_a_forgotten_job_from_an_unanswered_query(monkeypatch):
+    from seqpar.launcher import submit_cmd
+
+    replies = iter([subprocess.TimeoutExpired("scontrol", 60),
+                    subprocess.CompletedProcess([], 1, "", "slurm_load_jobs error: Socket timed out on send/recv operation"),
+                    subprocess.CompletedProcess([], 0, "JobId=7 JobName=seqpar JobState=PENDING Reason=BeginTime", ""),
+                    subprocess.CompletedProcess([], 1, "", "slurm_load_jobs error: Invalid job id specified")])
+
+    def fake_run(*args, **kwargs):
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    monkeypatch.setattr(submit_cmd.subprocess, "run", fake_run)
+    assert [submit_cmd.job_state(7) for _ in range(4)] == [None, None, "PENDING", ""]
+
+
+def test_wait_for_keeps_waiting_through_unanswered_queries(monkeypatch, tmp_path, capsys):
+    from seqpar.launcher import submit_cmd
+
+    (tmp_path / "status.json").write_text(json.dumps({"status": "done"}))
+    states = iter([None, "PENDING", None, None, "RUNNING", "COMPLETED"])
+    monkeypatch.setattr(submit_cmd, "job_state", lambda job_id: next(states))
+    assert submit_cmd.wait_for(7, str(tmp_path), poll_s=0, max_unanswered=3) == 0
+    assert "job 7 ended COMPLETED; run status done" in capsys.readouterr().out
+    monkeypatch.setattr(submit_cmd, "job_state", lambda job_id: None)
+    assert submit_cmd.wait_for(7, str(tmp_path), poll_s=0, max_unanswered=3) == 1
+    assert "scontrol gave no answer 3 times in a row" in capsys.readouterr().out
+
+
 def test_print_script_writes_nothing(tmp_path):
     p = seqpar("submit", "configs/tiny-cpu.yaml", "--nproc-per-node", "2", "--gpus-per-node", "0", "--time", "10",
                "--print-script", f"run.output_dir={tmp_path}/run")
@@ -194,9 +225,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes_on_the_same_curve(tmp_pa
     # the job then ends FAILED without running. The requeue happened before we saw PENDING, so a
     # begin time two seconds from now is always in a later second.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], check=True)
-    _until("the end", lambda: _scontrol(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"))
+    # 600 s: after the release the job waits for a scheduling pass, then imports torch, resumes and trains
+    end = _until("the end", lambda: (st := _scontrol(job).get("JobState")) in ("COMPLETED", "FAILED", "CANCELLED") and st,
+                 timeout_s=600.0)
     log = open(run / "slurm" / f"slurm-{job}.out").read()
-    assert _scontrol(job)["JobState"] == "COMPLETED", log + _daemon_logs()
+    assert end == "COMPLETED", log + _daemon_logs()
     assert "SIGUSR2 received: checkpointed at step 5" in log and "resumed from" in log and "step_000005" in log, log
     assert "requeueing job" in log and state["Restarts"] == "1"
     assert json.loads((run / "status.json").read_text())["status"] == "done"

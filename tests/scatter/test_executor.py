@@ -63,6 +63,26 @@ def test_planner_process_gives_the_inline_plan():
         proc.result(7)
 
 
+def test_planner_process_outlives_stop_signals():
+    """A stop request (SIGUSR1 from `seqpar train`, SIGUSR2 / SIGTERM from Slurm, Ctrl-C) reaches every
+    process of the job; the planner must keep answering while its rank checkpoints."""
+    import os
+    import signal
+
+    cm = tiny_cost_model(world=4, capacity=100)
+    proc = PlannerProcess(cm, PlannerOptions(time_limit_s=None, bound_time_s=0))
+    try:
+        proc.request(0, np.array([150, 40]))
+        assert proc.result(0).error == ""  # the child is in its loop: its signal dispositions are set
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+            os.kill(proc._proc.pid, sig)
+        proc.request(1, np.array([90, 20, 10]))
+        assert proc.result(1).error == "" and proc._proc.poll() is None
+    finally:
+        proc.close()
+    assert proc._proc.returncode == 0  # it still ends at "exit" / EOF
+
+
 def test_static_plans_are_one_degree():
     cm = tiny_cost_model(world=4, capacity=100)
     src = StaticPlans(cm, 2)

@@ -16,34 +16,29 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, conn, collective_timeout_s: float) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+def _worker(rank: int, world_size: int, conn, collective_timeout_s: float) -> None:
     import torch
     import torch.distributed as dist
 
+    # Rank 0 binds the store's port itself (port 0: the kernel picks a free one) and the parent
+    # passes it on: no port is chosen here and bound later, which another process could take between.
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
+    if rank == 0:
+        store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+        conn.send(store.port)
+        port = store.port
+    else:
+        port = conn.recv()
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=collective_timeout_s)
-    )
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     while True:
         msg = conn.recv()
         if msg is None:
@@ -62,16 +57,22 @@ class DistPool:
     def __init__(self, world_size: int, collective_timeout_s: float = 120.0) -> None:
         self.world_size = world_size
         ctx = mp.get_context("spawn")
-        port = free_port()
         self._conns = []
         self._procs = []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(rank, world_size, port, child, collective_timeout_s), daemon=True)
+            p = ctx.Process(target=_worker, args=(rank, world_size, child, collective_timeout_s), daemon=True)
             p.start()
             self._conns.append(parent)
             self._procs.append(p)
         self.broken = False
+        # rank 0's store port, to the other ranks (a hang guard: rank 0 only imports torch first)
+        if not self._conns[0].poll(600):
+            self.close(force=True)
+            raise TimeoutError(f"rank 0 of {world_size} did not open its store in 600 s")
+        port = self._conns[0].recv()
+        for c in self._conns[1:]:
+            c.send(port)
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 600.0, **kwargs: Any) -> list[Any]:
         """Call ``fn(*args, **kwargs)`` on every rank; returns the per-rank results in rank order."""

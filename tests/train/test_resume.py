@@ -134,13 +134,15 @@ def test_stalled_rank_times_out_with_step_and_checkpoint_then_resumes(small_stor
     """Rank 1 stalls at step 3: rank 0's collective gives up after parallel.timeout_s with a one-line error
     naming the step and the last checkpoint; rerunning the command resumes onto the same curve."""
     run_dir = str(tmp_path / "run")
-    # 20 s: long enough that start-up skew between ranks on a busy machine never trips it (it
-    # covers the rendezvous too), short enough to keep the test quick.
-    overrides = _overrides(small_store, run_dir) + ["parallel.timeout_s=20"]
+    # 45 s: the limit covers every collective of the run, not only the stall: the rendezvous, start-up
+    # skew between ranks and the barrier while rank 0 fsyncs checkpoint 2 on a busy machine must
+    # never trip it. The resumed run keeps the default limit.
+    overrides = _overrides(small_store, run_dir)
     # The stalled rank sleeps 600 s unless stopped: _run's 600-s limit fails the test if it is not.
-    rc, out, err = _run(overrides, nproc=2, env={"SEQPAR_FAULT_HANG_STEP": "3", "SEQPAR_FAULT_RANK": "1"})
+    rc, out, err = _run(overrides + ["parallel.timeout_s=45"], nproc=2,
+                        env={"SEQPAR_FAULT_HANG_STEP": "3", "SEQPAR_FAULT_RANK": "1"})
     assert rc != 0
-    assert "rank 0: a collective timed out at step 3 after parallel.timeout_s=20 s" in err, err[-3000:]
+    assert "rank 0: a collective timed out at step 3 after parallel.timeout_s=45 s" in err, err[-3000:]
     assert "last checkpoint: " in err and "step_000002" in err
     assert _checkpoints(run_dir) == ["step_000002"]
     rc, out, err = _run(overrides, nproc=2)
