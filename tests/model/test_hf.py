@@ -66,6 +66,20 @@ def test_logits_equal_transformers_per_document(tmp_path, name):
     torch.testing.assert_close(_seqpar_logits(ours, docs), _hf_logits(hf, docs), atol=1e-5, rtol=0)
 
 
+def _assert_same_model(back, hf):
+    """What transformers loaded from our files is the original model: every weight bitwise, and so the
+    logits, up to float rounding. Not bitwise logits: transformers (5.24) leaves the weights where
+    safetensors mapped them, at addresses that differ from file to file, and the CPU GEMM's path for
+    the same numbers depends on alignment (measured: identical weights, logits 1.2e-7 apart)."""
+    want = hf.state_dict()
+    got = back.state_dict()
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+    docs = _docs()
+    torch.testing.assert_close(_hf_logits(back, docs), _hf_logits(hf, docs), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["gqa-untied", "tied", "llama3-rope"])
 def test_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, name):
     hf, path = _hf_model(tmp_path, name)
@@ -77,8 +91,7 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(tmp_path, name):
     for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
     back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
-    docs = _docs()
-    torch.testing.assert_close(_hf_logits(back, docs), _hf_logits(hf, docs), atol=0, rtol=0)
+    _assert_same_model(back, hf)
     if name == "tied":  # written once
         from safetensors import safe_open
 
@@ -96,7 +109,7 @@ def test_sharded_index_loads(tmp_path):
     torch.testing.assert_close(_seqpar_logits(load_pretrained(str(tmp_path / "sharded")), docs), _seqpar_logits(ours, docs),
                                atol=0, rtol=0)
     back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "sharded")).eval()
-    torch.testing.assert_close(_hf_logits(back, docs), _hf_logits(hf, docs), atol=0, rtol=0)
+    _assert_same_model(back, hf)
 
 
 def test_transformers_4_style_rope_scaling_is_read():
