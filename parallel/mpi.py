@@ -1,6 +1,7 @@
-"""The MPI side of start-up: the world size when only MPI knows it (PMIx), and the process group's
-store opened by rank 0 and its address broadcast when the launcher gave none. mpi4py is imported here only, and only when an
-MPI variable is set (``pip install -e '.[mpi]'``: mpi4py and MPICH's wheels)."""
+"""The MPI side of start-up: the world size when only MPI knows it (PMIx), and, when the launcher
+named no rendezvous, the process group's store, opened by rank 0 with its address broadcast.
+mpi4py is imported here only, and only when an MPI variable is set (``pip install -e '.[mpi]'``:
+mpi4py and MPICH's wheels)."""
 
 from __future__ import annotations
 
