@@ -89,15 +89,14 @@ PartitionName=ci Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-_slurm_stop_daemons() {  # by pid file: ours only, never another cluster's
-    local dir=$1 f
-    for f in "$dir"/slurmd-*.pid "$dir/slurmctld.pid"; do
+_slurm_kill_pidfiles() {  # TERM, then KILL a second later, the processes named by these pid files (ours only)
+    local f
+    for f in "$@"; do
         [[ -s $f ]] && kill "$(cat "$f")" 2>/dev/null || true
     done
     sleep 1
-    for f in "$dir"/slurmd-*.pid "$dir/slurmctld.pid"; do
+    for f in "$@"; do
         [[ -s $f ]] && kill -9 "$(cat "$f")" 2>/dev/null || true
-        rm -f "$f"
     done
     return 0
 }
@@ -146,7 +145,8 @@ _slurm_up() {
         [[ $state == idle ]] && break
         _slurm_log "attempt $attempt: the node is '${state:-unreachable}', not idle, after 60 s (ports $ctld_port, $d_port)"
         tail -20 "$dir/log/slurmctld.log" "$dir/log/slurmd.log" >&2 2>/dev/null || true
-        _slurm_stop_daemons "$dir"
+        _slurm_kill_pidfiles "$dir"/slurmd-*.pid "$dir/slurmctld.pid"
+        rm -f "$dir"/slurmd-*.pid "$dir/slurmctld.pid"
         rm -rf "${dir:?}/state"/* "${dir:?}/spool"/*
     done
     [[ $state == idle ]] || { _slurm_log "the cluster did not come up in 3 attempts"; return 1; }
@@ -156,16 +156,7 @@ _slurm_up() {
 _slurm_down() {
     local dir=${SEQPAR_SLURM_DIR:-}
     [[ -n $dir && -d $dir ]] || return 0
-    local f pid
-    for f in "$dir"/slurmd-*.pid "$dir/slurmctld.pid" "$dir/munged.pid"; do
-        [[ -s $f ]] || continue
-        pid=$(cat "$f")
-        kill "$pid" 2>/dev/null || true
-    done
-    sleep 1
-    for f in "$dir"/slurmd-*.pid "$dir/slurmctld.pid" "$dir/munged.pid"; do
-        [[ -s $f ]] && kill -9 "$(cat "$f")" 2>/dev/null || true
-    done
+    _slurm_kill_pidfiles "$dir"/slurmd-*.pid "$dir/slurmctld.pid" "$dir/munged.pid"
     _slurm_log "stopped the daemons of $dir"
 }
 
